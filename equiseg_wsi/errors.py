@@ -1,0 +1,31 @@
+"""The project's exceptions: the CLI turns each into a one-line message naming the file and the cause."""
+
+from __future__ import annotations
+
+
+class EquisegError(Exception):
+    """Base class for every error the library raises on purpose (bad input, not bugs)."""
+
+
+class SlideError(EquisegError):
+    """A slide or image cannot be opened or read."""
+
+
+class MppUnknownError(SlideError):
+    """The slide carries no resolution and the user gave none: never guess µm/px silently."""
+
+
+class NoTissueError(EquisegError):
+    """No tissue was found where some was required."""
+
+
+class WeightsError(EquisegError):
+    """A weights file is unreadable, unsafe, or does not fit the model."""
+
+
+class ModelMismatchError(EquisegError):
+    """A saved clustering model does not fit the features of this run."""
+
+
+class InputError(EquisegError):
+    """Bad user input that is not a slide: manifests, options, folders."""
