@@ -1,0 +1,550 @@
+"""KMeans on SRE features: sampling, fitting, canonical cluster order, prediction and safe model files.
+
+Why this module exists (DESIGN 3.3): KMeans ids are arbitrary, so the fitted centroids are put in a
+canonical order by optical density (cluster 1 = darkest). "Cluster 1" then means the same tissue class across
+cores, runs and machines, and a cohort model applied to other cores gives comparable ids.
+
+Model file format (``.npz``, a plain zip of ``.npy`` arrays; never pickled; readable without this package)::
+
+    import json, numpy as np
+    with np.load("model.npz", allow_pickle=False) as z:
+        centroids = z["centroids"]                 # (K, C) float32, row i-1 = "Cluster i"
+        centroid_od = z["centroid_od"]             # (K,) float64, mean optical density per cluster
+        meta = json.loads(str(z["metadata"]))      # k, normalisation, feature_identity, seed, sources, ...
+    # labels = 1 + argmin_k || x/||x|| - centroids[k] ||  for every feature vector x
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, ModelMismatchError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ClusterModel",
+    "CohortSampler",
+    "ReservoirSampler",
+    "fit_kmeans",
+    "fit_region",
+    "l2_normalise",
+    "optical_density",
+    "sample_positions",
+    "source_rng",
+]
+
+FORMAT_NAME = "equiseg-kmeans"
+FORMAT_VERSION = 1
+
+_EPS = 1e-12
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: the same model gives the same file bytes
+
+
+# --------------------------------------------------------------------------------------------- basics
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Scale each feature vector (last axis) to unit length, as the paper does before KMeans.
+
+    Zero vectors stay zero instead of becoming NaN, so empty/padded positions never poison a fit.
+    Returns float32.
+    """
+    a = np.asarray(x, dtype=np.float32)
+    norm = np.sqrt(np.einsum("...c,...c->...", a, a, dtype=np.float64))[..., None]
+    out = a / np.maximum(norm, _EPS).astype(np.float32)
+    return out.astype(np.float32, copy=False)
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Beer–Lambert optical density per pixel: mean over R, G, B of ``-log10((I + 1) / 256)``.
+
+    ``I`` is the 8-bit intensity; the +1 keeps black finite. White (255) gives 0, black (0) gives
+    log10(256) ≈ 2.408. Haematoxylin-rich (nuclear) tissue is dark, so it has the highest OD.
+    Accepts (..., 3) uint8 (or (..., 4) RGBA: alpha is ignored); returns float32 of shape (...).
+    """
+    a = np.asarray(rgb)
+    if a.ndim < 1 or a.shape[-1] not in (3, 4):
+        raise InputError(f"optical_density expects (..., 3) RGB values, got shape {a.shape}")
+    a = a[..., :3].astype(np.float32)
+    od = -np.log10((a + 1.0) / 256.0)
+    return od.mean(axis=-1).astype(np.float32)
+
+
+def source_rng(seed: int, source: str) -> np.random.Generator:
+    """A generator for one core/region derived from the run seed and the source *name*.
+
+    Why: a core's sample then does not depend on which other cores are in the run or their order.
+    """
+    digest = hashlib.sha256(str(source).encode("utf-8")).digest()
+    key = int.from_bytes(digest[:8], "little")
+    return np.random.default_rng(np.random.SeedSequence(entropy=int(seed), spawn_key=(key,)))
+
+
+def _as_rng(rng: np.random.Generator | int) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(int(rng))
+
+
+def sample_positions(mask: np.ndarray, n: int, rng: np.random.Generator | int) -> np.ndarray:
+    """Seeded sample of ``n`` tissue positions (without replacement; all of them if fewer).
+
+    Returns sorted flat (row-major) indices into ``mask`` as int64, so
+    ``features.reshape(-1, C)[idx]`` are the sampled vectors. Sorting keeps downstream order stable.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if n < 0:
+        raise InputError(f"number of samples must be >= 0, got {n}")
+    idx = np.flatnonzero(m.ravel())
+    if idx.size <= n:
+        return idx.astype(np.int64)
+    chosen = _as_rng(rng).choice(idx.size, size=int(n), replace=False)
+    return np.sort(idx[chosen]).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ samplers
+
+
+class ReservoirSampler:
+    """Fixed-size uniform sample of feature rows fed in chunks, for sets larger than memory.
+
+    Each row gets an independent uniform key from a seeded generator; the sampler keeps the ``n`` rows
+    with the smallest keys, which is a uniform sample without replacement. The same chunks in the same
+    order give the same sample (and so does the same row stream cut into different chunk sizes, since
+    the keys are drawn in stream order). Memory is O(n·C + chunk).
+    """
+
+    def __init__(self, n: int, seed: int | np.random.Generator) -> None:
+        if n < 0:
+            raise InputError(f"reservoir size must be >= 0, got {n}")
+        self.n = int(n)
+        self._rng = _as_rng(seed)
+        self._feat: np.ndarray | None = None
+        self._od = np.empty(0, dtype=np.float32)
+        self._keys = np.empty(0, dtype=np.float64)
+        self._order = np.empty(0, dtype=np.int64)
+        self.n_seen = 0
+
+    def feed(self, features: np.ndarray, od: np.ndarray) -> None:
+        """Offer a chunk of rows (m, C) with their optical density (m,)."""
+        f = np.asarray(features, dtype=np.float32)
+        o = np.asarray(od, dtype=np.float32).ravel()
+        if f.ndim != 2:
+            raise InputError(f"features must be (N, C), got shape {f.shape}")
+        if o.shape[0] != f.shape[0]:
+            raise InputError(f"{f.shape[0]} feature rows but {o.shape[0]} optical-density values")
+        if self._feat is not None and f.shape[1] != self._feat.shape[1]:
+            raise InputError(f"feature width changed from {self._feat.shape[1]} to {f.shape[1]} channels")
+        m = f.shape[0]
+        keys = self._rng.random(m)
+        order = np.arange(self.n_seen, self.n_seen + m, dtype=np.int64)
+        self.n_seen += m
+        if self._feat is None:
+            self._feat = np.empty((0, f.shape[1]), dtype=np.float32)
+        if self.n == 0 or m == 0:
+            return
+        if self._keys.size >= self.n:  # full: only rows beating the current worst key can enter
+            keep = keys < self._keys.max()
+            f, o, keys, order = f[keep], o[keep], keys[keep], order[keep]
+            if keys.size == 0:
+                return
+        all_keys = np.concatenate([self._keys, keys])
+        all_order = np.concatenate([self._order, order])
+        best = np.lexsort((all_order, all_keys))[: self.n]  # ties (never in practice) by arrival
+        all_feat = np.concatenate([self._feat, f])
+        all_od = np.concatenate([self._od, o])
+        self._keys, self._order = all_keys[best], all_order[best]
+        self._feat, self._od = all_feat[best], all_od[best]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sample as (features (n, C) float32, od (n,) float32), in stream (arrival) order."""
+        if self._feat is None:
+            return np.empty((0, 0), dtype=np.float32), np.empty(0, dtype=np.float32)
+        s = np.argsort(self._order, kind="stable")
+        return self._feat[s].copy(), self._od[s].copy()
+
+    def __len__(self) -> int:
+        return int(self._keys.size)
+
+
+class CohortSampler:
+    """``n_per_source`` rows from EVERY core/region of a fitting set (the paper: 2000 per core).
+
+    One :class:`ReservoirSampler` per source, seeded from the run seed and the source name
+    (:func:`source_rng`), so each core contributes equally and its sample does not depend on the others.
+    """
+
+    def __init__(self, n_per_source: int, seed: int) -> None:
+        self.n_per_source = int(n_per_source)
+        self.seed = int(seed)
+        self._samplers: dict[str, ReservoirSampler] = {}
+
+    def feed(self, source: str, features: np.ndarray, od: np.ndarray) -> None:
+        """Offer a chunk of rows from ``source`` (chunks of one source may be interleaved with others)."""
+        s = self._samplers.get(source)
+        if s is None:
+            s = self._samplers[source] = ReservoirSampler(self.n_per_source, source_rng(self.seed, source))
+        s.feed(features, od)
+
+    @property
+    def sources(self) -> list[str]:
+        """Source names in the order they were first fed."""
+        return list(self._samplers)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features (N, C), od (N,), source index (N,) into :attr:`sources`), sources concatenated in order."""
+        feats, ods, src = [], [], []
+        for i, s in enumerate(self._samplers.values()):
+            f, o = s.result()
+            if f.shape[0]:
+                feats.append(f)
+                ods.append(o)
+                src.append(np.full(f.shape[0], i, dtype=np.int64))
+        if not feats:
+            raise InputError("no feature rows were sampled: no tissue positions in any source")
+        return np.concatenate(feats), np.concatenate(ods), np.concatenate(src)
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def _json_roundtrip(obj: Any, what: str) -> Any:
+    """Normalise to what JSON can hold, so saved and in-memory identities compare equal."""
+    try:
+        return json.loads(json.dumps(obj, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{what} must be JSON-serialisable with finite numbers: {exc}") from exc
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_values_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_values_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+@dataclass
+class ClusterModel:
+    """A fitted KMeans in canonical order (row i-1 of ``centroids`` is "Cluster i", the i-th darkest)."""
+
+    centroids: np.ndarray
+    k: int
+    normalisation: str = "l2"
+    feature_identity: dict[str, Any] = field(default_factory=dict)
+    centroid_od: np.ndarray = field(default_factory=lambda: np.empty(0))
+    n_fit_samples: int = 0
+    seed: int = 0
+    sources: list[str] = field(default_factory=list)
+    n_init: int = 0
+    inertia: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
+        if self.centroids.ndim != 2 or self.centroids.shape[0] != self.k or self.k < 1:
+            raise InputError(f"centroids of shape {self.centroids.shape} do not match k={self.k}")
+        if not np.all(np.isfinite(self.centroids)):
+            raise InputError("centroids contain non-finite values")
+        if self.normalisation != "l2":
+            raise InputError(f"unsupported normalisation {self.normalisation!r} (only 'l2')")
+        if self.centroid_od.size == 0:
+            self.centroid_od = np.zeros(self.k, dtype=np.float64)
+        self.centroid_od = np.asarray(self.centroid_od, dtype=np.float64).reshape(self.k)
+        self.feature_identity = _json_roundtrip(dict(self.feature_identity), "feature_identity")
+        self.sources = [str(s) for s in self.sources]
+
+    @property
+    def n_features(self) -> int:
+        """Number of feature channels C the model expects."""
+        return int(self.centroids.shape[1])
+
+    # -- prediction
+
+    def predict(self, features: np.ndarray, chunk: int = 65536, mask: np.ndarray | None = None) -> np.ndarray:
+        """Nearest centroid after L2 normalisation: labels 1..K as int32.
+
+        ``features`` is (N, C) or a dense map (h, w, C); the result has shape (N,) or (h, w). With a boolean
+        ``mask`` of the leading shape, only masked positions are labelled and the rest are 0 (background).
+        Distances are computed in float64 chunk by chunk, so labels do not depend on ``chunk``.
+        """
+        f = np.asarray(features)
+        if f.ndim < 2 or f.shape[-1] != self.n_features:
+            raise ModelMismatchError(
+                f"features have shape {f.shape} but the model expects {self.n_features} channels"
+            )
+        lead = f.shape[:-1]
+        flat = f.reshape(-1, self.n_features)
+        out = np.zeros(flat.shape[0], dtype=np.int32)
+        if mask is None:
+            idx = None
+            n = flat.shape[0]
+        else:
+            m = np.asarray(mask, dtype=bool)
+            if m.shape != lead:
+                raise InputError(f"mask shape {m.shape} does not match feature positions {lead}")
+            idx = np.flatnonzero(m.ravel())
+            n = idx.size
+        c = self.centroids.astype(np.float64)
+        c_sq = np.einsum("kc,kc->k", c, c)
+        step = max(1, int(chunk))
+        for start in range(0, n, step):
+            sel = slice(start, min(start + step, n))
+            rows = flat[sel] if idx is None else flat[idx[sel]]
+            x = l2_normalise(rows).astype(np.float64)
+            d = c_sq[None, :] - 2.0 * (x @ c.T)  # ||x||² is the same for every centroid
+            lab = np.argmin(d, axis=1).astype(np.int32) + 1
+            if idx is None:
+                out[sel] = lab
+            else:
+                out[idx[sel]] = lab
+        return out.reshape(lead)
+
+    # -- compatibility
+
+    def check_compatible(self, feature_identity: Mapping[str, Any]) -> None:
+        """Raise :class:`ModelMismatchError` naming every key whose value differs (or is missing)."""
+        other = _json_roundtrip(dict(feature_identity), "feature_identity")
+        mine = self.feature_identity
+        diffs = []
+        for key in sorted(set(mine) | set(other)):
+            if key not in mine:
+                diffs.append(f"{key}: model has none, features have {other[key]!r}")
+            elif key not in other:
+                diffs.append(f"{key}: model has {mine[key]!r}, features have none")
+            elif not _values_equal(mine[key], other[key]):
+                diffs.append(f"{key}: model has {mine[key]!r}, features have {other[key]!r}")
+        if diffs:
+            raise ModelMismatchError("clustering model does not fit these features (" + "; ".join(diffs) + ")")
+
+    # -- files
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the arrays, as JSON-ready values (what :meth:`save` writes as ``metadata``)."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "k": int(self.k),
+            "n_features": self.n_features,
+            "normalisation": self.normalisation,
+            "canonical_order": "descending mean optical density of the fitted samples (cluster 1 = darkest)",
+            "feature_identity": self.feature_identity,
+            "n_fit_samples": int(self.n_fit_samples),
+            "seed": int(self.seed),
+            "n_init": int(self.n_init),
+            "inertia": float(self.inertia),
+            "sources": list(self.sources),
+        }
+
+    def to_bytes(self) -> bytes:
+        """The ``.npz`` file content: deterministic bytes (fixed zip timestamps, sorted JSON)."""
+        meta = json.dumps(self.metadata(), sort_keys=True, ensure_ascii=False, allow_nan=False)
+        arrays = {
+            "centroids": self.centroids,
+            "centroid_od": self.centroid_od.astype(np.float64),
+            "metadata": np.array(meta),
+        }
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name, arr in arrays.items():
+                npy = io.BytesIO()
+                np.lib.format.write_array(npy, np.asarray(arr, order="C"), allow_pickle=False)
+                info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE)
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, npy.getvalue())
+        return buf.getvalue()
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the model atomically (temporary file in the same folder, then rename). Returns the path."""
+        p = Path(path)
+        data = self.to_bytes()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ClusterModel:
+        """Read a model file without ever unpickling: object arrays and pickles are refused."""
+        p = Path(path)
+        try:
+            z = np.load(p, allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise InputError(f"{p}: clustering model file not found") from exc
+        except ValueError as exc:  # numpy refuses pickled content when allow_pickle=False
+            raise InputError(f"{p}: refusing to load a model file that contains pickled data ({exc})") from exc
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise InputError(f"{p}: not a readable clustering model file ({exc})") from exc
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise InputError(f"{p}: not a clustering model file (expected an .npz archive)")
+        with z:
+            missing = {"centroids", "centroid_od", "metadata"} - set(z.files)
+            if missing:
+                raise InputError(f"{p}: not a clustering model file (missing {', '.join(sorted(missing))})")
+            try:
+                centroids = z["centroids"]
+                centroid_od = z["centroid_od"]
+                meta_arr = z["metadata"]
+            except ValueError as exc:
+                raise InputError(f"{p}: refusing to load a model file that contains pickled data ({exc})") from exc
+        if meta_arr.dtype.kind != "U" or meta_arr.shape != ():
+            raise InputError(f"{p}: model metadata must be a JSON string")
+        try:
+            meta = json.loads(str(meta_arr))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{p}: model metadata is not valid JSON ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise InputError(f"{p}: not an {FORMAT_NAME} model file")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InputError(
+                f"{p}: model format version {meta.get('format_version')!r} is not supported "
+                f"(this version reads {FORMAT_VERSION})"
+            )
+        if centroids.dtype.kind != "f" or centroid_od.dtype.kind != "f":
+            raise InputError(f"{p}: model arrays must be floating point")
+        try:
+            return cls(
+                centroids=centroids,
+                k=int(meta["k"]),
+                normalisation=str(meta["normalisation"]),
+                feature_identity=dict(meta.get("feature_identity") or {}),
+                centroid_od=centroid_od,
+                n_fit_samples=int(meta.get("n_fit_samples", 0)),
+                seed=int(meta.get("seed", 0)),
+                sources=list(meta.get("sources") or []),
+                n_init=int(meta.get("n_init", 0)),
+                inertia=float(meta.get("inertia", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{p}: malformed clustering model ({exc})") from exc
+
+
+# --------------------------------------------------------------------------------------------- fitting
+
+
+def _canonical_order(centroids: np.ndarray, mean_od: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Permutation putting clusters in descending mean OD; ties by centroid values (lexicographic).
+
+    Empty clusters (no fitted sample assigned) go last. OD is rounded to 1e-9 so float noise between
+    machines cannot swap two clusters that are really tied; such ties fall back to the centroid values.
+    """
+    od_key = np.where(counts > 0, -np.round(mean_od, 9), np.inf)
+    keys = [centroids[:, j] for j in range(centroids.shape[1] - 1, -1, -1)] + [od_key]
+    return np.lexsort(keys)
+
+
+def fit_kmeans(
+    features: np.ndarray,
+    od: np.ndarray,
+    k: int,
+    seed: int,
+    n_init: int = 10,
+    *,
+    max_iter: int = 300,
+    feature_identity: Mapping[str, Any] | None = None,
+    sources: Sequence[str] | None = None,
+) -> ClusterModel:
+    """Fit KMeans (seeded, k-means++) on L2-normalised rows and return the model in canonical order.
+
+    ``od`` is the optical density of each fitted row (e.g. :func:`optical_density` of the RGB image at
+    feature-cell resolution). Cluster 1 is the cluster whose fitted samples have the highest mean OD
+    (darkest, haematoxylin-rich), cluster K the lightest; that makes ids mean the same across runs.
+    """
+    from sklearn.cluster import KMeans  # imported here: sklearn is heavy and only needed to fit
+
+    f = np.asarray(features, dtype=np.float32)
+    o = np.asarray(od, dtype=np.float64).ravel()
+    k = int(k)
+    if f.ndim != 2:
+        raise InputError(f"features must be (N, C), got shape {f.shape}")
+    if o.shape[0] != f.shape[0]:
+        raise InputError(f"{f.shape[0]} feature rows but {o.shape[0]} optical-density values")
+    if k < 1:
+        raise InputError(f"number of clusters must be >= 1, got {k}")
+    if not np.all(np.isfinite(f)) or not np.all(np.isfinite(o)):
+        raise InputError("features or optical densities contain NaN or infinite values")
+    x = l2_normalise(f)
+    n_distinct = np.unique(x, axis=0).shape[0] if x.shape[0] else 0
+    if n_distinct < k:
+        raise InputError(
+            f"cannot fit {k} clusters on {n_distinct} distinct feature vectors ({f.shape[0]} samples): "
+            "use fewer clusters or more tissue"
+        )
+    km = KMeans(n_clusters=k, n_init=int(n_init), max_iter=int(max_iter), random_state=int(seed))
+    km.fit(x)
+    raw = np.asarray(km.cluster_centers_, dtype=np.float32)
+    provisional = ClusterModel(centroids=raw, k=k)
+    lab = provisional.predict(x) - 1  # same nearest-centroid rule as later predictions
+    counts = np.bincount(lab, minlength=k)
+    sums = np.bincount(lab, weights=o, minlength=k)
+    mean_od = np.divide(sums, counts, out=np.zeros(k), where=counts > 0)
+    perm = _canonical_order(raw, mean_od, counts)
+    return ClusterModel(
+        centroids=raw[perm],
+        k=k,
+        normalisation="l2",
+        feature_identity=dict(feature_identity or {}),
+        centroid_od=mean_od[perm],
+        n_fit_samples=int(f.shape[0]),
+        seed=int(seed),
+        sources=list(sources or []),
+        n_init=int(n_init),
+        inertia=float(km.inertia_),
+    )
+
+
+def fit_region(
+    feature_map: np.ndarray,
+    mask: np.ndarray,
+    rgb: np.ndarray,
+    k: int,
+    n_samples: int,
+    seed: int,
+    *,
+    source: str = "",
+    n_init: int = 10,
+    feature_identity: Mapping[str, Any] | None = None,
+) -> ClusterModel:
+    """Intra mode in one call: sample ``n_samples`` tissue cells of one region and fit on them.
+
+    ``feature_map`` (h, w, C), ``mask`` (h, w) bool and ``rgb`` (h, w, 3) uint8 share the feature-cell
+    grid. Sampling is seeded from ``seed`` and ``source`` (:func:`source_rng`).
+    """
+    fm = np.asarray(feature_map)
+    m = np.asarray(mask, dtype=bool)
+    if fm.ndim != 3 or fm.shape[:2] != m.shape or np.asarray(rgb).shape[:2] != m.shape:
+        raise InputError(
+            f"feature map {fm.shape}, mask {m.shape} and image {np.asarray(rgb).shape} must share (h, w)"
+        )
+    idx = sample_positions(m, n_samples, source_rng(seed, source))
+    feats = fm.reshape(-1, fm.shape[-1])[idx]
+    od = optical_density(rgb).ravel()[idx]
+    return fit_kmeans(
+        feats, od, k, seed, n_init=n_init, feature_identity=feature_identity,
+        sources=[source] if source else [],
+    )
