@@ -45,7 +45,7 @@ def write_aperio_pyramid(
     levels = pyramid_levels(rgb, n_levels)
     thumb_factor = max(1, max(height, width) // 512)
     thumbnail = np.asarray(Image.fromarray(rgb).reduce(thumb_factor)) if thumb_factor > 1 else rgb
-    options = {"photometric": "rgb", "compression": ("jpeg", quality), "metadata": None}
+    options = {"photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": quality}, "metadata": None}
     with tifffile.TiffWriter(path) as writer:
         writer.write(levels[0], tile=(tile, tile), description=description, **options)
         writer.write(thumbnail, description=f"Aperio Image Library v12.0.0 \n{width}x{height} -> thumbnail", **options)
