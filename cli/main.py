@@ -66,6 +66,9 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     ctx.obj["debug"] = debug
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:  # readers log every oddity of a broken file; our one-line error already names it
+        for noisy in ("tifffile", "tiffslide", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
 def main() -> None:

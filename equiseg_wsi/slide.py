@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,7 @@ class _TiffslideReader(_Reader):
         self.mpp_xy = (_float_or_none(props.get("tiffslide.mpp-x")), _float_or_none(props.get("tiffslide.mpp-y")))
         self.bounds_xy = _bounds(props, "tiffslide")
         self.associated = sorted(self._slide.associated_images)
+        _check_not_truncated(self._slide.ts_tifffile, path)
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         # tiffslide truncates level-0 / downsample: the ceiling maps back to exactly (x, y).
@@ -131,6 +133,15 @@ class _TiffslideReader(_Reader):
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _check_not_truncated(tif: Any, path: Path) -> None:
+    """A cut-off download still has its header; its missing tiles would silently read as blank."""
+    size = path.stat().st_size
+    for page in tif.pages:
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c]
+        if ends and max(ends) > size:
+            raise SlideError(f"truncated file: image data runs to byte {max(ends)} but the file has {size} bytes")
 
 
 class _OpenslideReader(_Reader):
@@ -177,6 +188,7 @@ class _ImageReader(_Reader):
                 page = tif.pages[0]
                 height, width = int(page.shape[0]), int(page.shape[1])
                 self.mpp_xy = _tiff_resolution_mpp(page)
+                _check_not_truncated(tif, path)
             self._is_jpeg = False
         else:
             with Image.open(path) as img:
@@ -298,9 +310,13 @@ class Slide:
         reader: _Reader | None = None
         for name in order:
             try:
-                reader = _READERS[name](self.path)
+                with warnings.catch_warnings():  # decoders warn about the broken files we report anyway
+                    warnings.simplefilter("ignore")
+                    reader = _READERS[name](self.path)
             except Image.DecompressionBombError as exc:
                 raise SlideError(f"{self.path}: image too large to decode safely ({_short(exc)})") from exc
+            except SlideError as exc:  # a damaged file is damaged for every reader: do not fall back
+                raise SlideError(f"{self.path}: {exc}") from exc
             except Exception as exc:  # each backend raises its own types; we only need the reason
                 failures.append(f"{name}: {_short(exc)}")
                 continue

@@ -1,0 +1,36 @@
+"""Shared fixtures: paths to the real images the repository ships, and small slides built per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_SVS = REPO / "sample_data" / "CMU-1-Small-Region.svs"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_svs() -> Path:
+    """The CC0 OpenSlide test region (2220 x 2967 px, 0.499 µm/px, one level)."""
+    return SAMPLE_SVS
+
+
+@pytest.fixture(scope="session")
+def sample_rgb(sample_svs: Path) -> np.ndarray:
+    from equiseg_wsi.slide import open_slide
+
+    with open_slide(sample_svs) as slide:
+        return slide.read_level(0, 0, 0, slide.width, slide.height)
+
+
+@pytest.fixture(scope="session")
+def pyramid_svs(tmp_path_factory: pytest.TempPathFactory, sample_rgb: np.ndarray) -> Path:
+    """A 3-level Aperio-style pyramid of a 1024 x 1536 crop of the real region, 0.499 µm/px."""
+    from equiseg_wsi.slide_writer import write_aperio_pyramid
+
+    path = tmp_path_factory.mktemp("pyramid") / "pyramid3.svs"
+    write_aperio_pyramid(path, np.ascontiguousarray(sample_rgb[:1536, :1024]), mpp=0.499, n_levels=3)
+    return path
