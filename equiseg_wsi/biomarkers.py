@@ -16,7 +16,6 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from scipy import ndimage
 
 from .cluster import optical_density
 from .errors import InputError
+from .export.atomic import atomic_write_text
 
 __all__ = [
     "COLUMN_DOCS",
@@ -343,22 +343,6 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Private fallback: write to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def rows_to_csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     """The CSV text :func:`write_csv` writes: header from the first row's key order, ``\\n`` line ends."""
     if not rows:
@@ -377,5 +361,5 @@ def rows_to_csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write rows (dicts with the same keys) as UTF-8 CSV, deterministically and atomically."""
     p = Path(path)
-    _atomic_write_text(p, rows_to_csv_text(rows))
+    atomic_write_text(p, rows_to_csv_text(rows))
     return p

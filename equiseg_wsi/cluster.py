@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ModelMismatchError
+from .export.atomic import atomic_write_bytes
 
 __all__ = [
     "FORMAT_NAME",
@@ -373,19 +373,7 @@ class ClusterModel:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the model atomically (temporary file in the same folder, then rename). Returns the path."""
         p = Path(path)
-        data = self.to_bytes()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(p, self.to_bytes())
         return p
 
     @classmethod
@@ -458,6 +446,21 @@ def _canonical_order(centroids: np.ndarray, mean_od: np.ndarray, counts: np.ndar
     return np.lexsort(keys)
 
 
+def _count_distinct(x: np.ndarray, limit: int) -> int:
+    """Number of distinct rows of ``x``, counted only up to ``limit`` (k passes, no full sort of N rows)."""
+    if x.shape[0] == 0:
+        return 0
+    found = [x[0]]
+    different = np.ones(x.shape[0], dtype=bool)
+    while len(found) < limit:
+        different &= np.any(x != found[-1], axis=1)
+        nxt = np.flatnonzero(different)
+        if nxt.size == 0:
+            break
+        found.append(x[nxt[0]])
+    return len(found)
+
+
 def fit_kmeans(
     features: np.ndarray,
     od: np.ndarray,
@@ -489,7 +492,7 @@ def fit_kmeans(
     if not np.all(np.isfinite(f)) or not np.all(np.isfinite(o)):
         raise InputError("features or optical densities contain NaN or infinite values")
     x = l2_normalise(f)
-    n_distinct = np.unique(x, axis=0).shape[0] if x.shape[0] else 0
+    n_distinct = _count_distinct(x, k)
     if n_distinct < k:
         raise InputError(
             f"cannot fit {k} clusters on {n_distinct} distinct feature vectors ({f.shape[0]} samples): "
