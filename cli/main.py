@@ -15,6 +15,7 @@ from equiseg_wsi.errors import EquisegError
 # name -> "module:attribute"; commands are imported only when used, so `equiseg --help` stays fast.
 COMMANDS: dict[str, str] = {
     "info": "equiseg_cli.info:info",
+    "preprocess": "equiseg_cli.preprocess:preprocess",
 }
 
 

@@ -19,3 +19,12 @@ mpp_option = click.option(
     help="Resolution in µm/px to use for files whose metadata has none (e.g. plain JPEG cores). "
     "Default: take it from the file, and fail that file if it has none.",
 )
+
+quiet_option = click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    default=False,
+    help="No progress bar and no summary line (errors are still shown). The bar is also off when stderr "
+    "is not a terminal.",
+)
