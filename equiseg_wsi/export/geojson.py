@@ -1,0 +1,509 @@
+"""QuPath's GeoJSON dialect (QuPath 0.4-0.7; DESIGN 3.4): build features, check them, write them.
+
+QuPath is strict in ways plain GeoJSON is not: the object type lives in ``properties.objectType`` (and
+``properties.type`` would be misread as one), a classification needs both ``name`` and ``color``,
+measurements are a flat dict of finite numbers, ids must be hyphenated UUIDs, and since 0.6 every geometry is
+snapped to a 0.01 px grid and one invalid geometry fails the whole import. ``qupath_feature`` only builds
+features that follow these rules, ``qupath_problems`` checks any collection against them, and
+``write_geojson`` writes deterministically (byte-identical output for identical input) and atomically.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import gzip
+import io
+import json
+import math
+import numbers
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from shapely.geometry import shape as shapely_shape
+
+from equiseg_wsi.errors import InputError
+from equiseg_wsi.export.atomic import atomic_write_bytes
+
+__all__ = [
+    "EQUISEG_NAMESPACE",
+    "OBJECT_TYPES",
+    "OKABE_ITO",
+    "GeoJSONError",
+    "cluster_class_name",
+    "cluster_color",
+    "feature_collection",
+    "geojson_bytes",
+    "object_id",
+    "qupath_feature",
+    "qupath_problems",
+    "read_geojson",
+    "write_geojson",
+]
+
+#: Namespace of every uuid5 this package makes: ids depend only on the names given to ``object_id``.
+EQUISEG_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/equiseg-wsi/object-id")
+
+#: Object types QuPath's GeoJSON import understands and keeps (``tmaCore`` is dropped on import: use .qptma).
+OBJECT_TYPES = ("annotation", "detection", "tile", "cell")
+
+#: Okabe & Ito (2008) colour-blind-safe palette, in the order clusters use it (black last: hides tissue).
+OKABE_ITO: tuple[tuple[int, int, int], ...] = (
+    (230, 159, 0),  # orange
+    (86, 180, 233),  # sky blue
+    (0, 158, 115),  # bluish green
+    (240, 228, 66),  # yellow
+    (0, 114, 178),  # blue
+    (213, 94, 0),  # vermillion
+    (204, 121, 167),  # reddish purple
+    (0, 0, 0),  # black
+)
+
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_SNAP = 0.01
+_GZ_SUFFIX = ".geojson.gz"
+_SUFFIX = ".geojson"
+
+
+class GeoJSONError(InputError, ValueError):
+    """A feature or file would not import into QuPath (or a bad output path was asked for)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names, ids, colours
+# ----------------------------------------------------------------------------------------------------------
+
+
+def object_id(*parts: object) -> str:
+    """Deterministic hyphenated UUID (uuid5) from names, e.g. ``object_id(slide, region, "Cluster 2")``.
+
+    Parts are joined unambiguously (as a JSON list of strings), so ("a/b", "c") and ("a", "b/c") differ.
+    """
+    if not parts:
+        raise GeoJSONError("object_id needs at least one name part")
+    key = json.dumps([str(p) for p in parts], ensure_ascii=False, separators=(",", ":"))
+    return str(uuid.uuid5(EQUISEG_NAMESPACE, key))
+
+
+def cluster_class_name(i: int) -> str:
+    """QuPath class name of cluster ``i`` (label id, 1-based): ``"Cluster i"``."""
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 1:
+        raise GeoJSONError(f"cluster ids start at 1, got {i!r}")
+    return f"Cluster {int(i)}"
+
+
+def cluster_color(k_index: int) -> tuple[int, int, int]:
+    """Fixed colour of the cluster at 0-based index ``k_index`` (cluster id ``k_index + 1``).
+
+    The first 8 are Okabe-Ito (colour-blind safe); beyond that, a deterministic golden-angle walk through hue
+    (distinct, not guaranteed colour-blind safe).
+    """
+    if isinstance(k_index, bool) or not isinstance(k_index, numbers.Integral) or k_index < 0:
+        raise GeoJSONError(f"cluster colour index must be an integer >= 0, got {k_index!r}")
+    k = int(k_index)
+    if k < len(OKABE_ITO):
+        return OKABE_ITO[k]
+    j = k - len(OKABE_ITO)
+    hue = (0.11 + j * 0.6180339887498949) % 1.0
+    sat = (0.75, 0.55)[j % 2]
+    val = (0.85, 0.65)[(j // 2) % 2]
+    r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
+    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
+
+
+def _name_color(name: str) -> tuple[int, int, int]:
+    """Stable colour for a class without an explicit one (QuPath needs a colour with every class name)."""
+    m = re.fullmatch(r"Cluster ([1-9][0-9]*)", name)
+    if m:
+        return cluster_color(int(m.group(1)) - 1)
+    digest = uuid.uuid5(EQUISEG_NAMESPACE, "class:" + name).bytes
+    return digest[0], digest[1], digest[2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building features
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_class_name(name: object, where: str = "class name") -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise GeoJSONError(f"{where} must be a non-empty string, got {name!r}")
+    if ":" in name or "\n" in name or "\r" in name:
+        raise GeoJSONError(f"{where} {name!r} must not contain ':' or a newline (QuPath splits on them)")
+    return name
+
+
+def _check_color(color: object) -> list[int]:
+    if isinstance(color, (str, bytes)) or not isinstance(color, Sequence) or len(color) != 3:
+        raise GeoJSONError(f"colour must be three integers [r, g, b], got {color!r}")
+    out = []
+    for c in color:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 0 <= int(c) <= 255:
+            raise GeoJSONError(f"colour components must be integers 0-255, got {color!r}")
+        out.append(int(c))
+    return out
+
+
+def _number(value: object, name: str) -> int | float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise GeoJSONError(f"measurement {name!r} must be a number, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    f = float(value)
+    if not math.isfinite(f):
+        raise GeoJSONError(f"measurement {name!r} must be finite, got {f!r} (QuPath rejects NaN/inf)")
+    return f
+
+
+def _round_coords(obj: Any) -> Any:
+    """Coordinates rounded to QuPath's 0.01 grid as plain floats (negative zero folded to zero)."""
+    if isinstance(obj, (list, tuple)):
+        if obj and isinstance(obj[0], numbers.Real) and not isinstance(obj[0], bool):
+            return [round(float(v), 2) + 0.0 for v in obj]
+        return [_round_coords(o) for o in obj]
+    raise GeoJSONError(f"bad coordinate array element {obj!r}")
+
+
+def _geometry_dict(geometry: Any) -> dict[str, Any]:
+    """A GeoJSON geometry mapping for a shapely geometry or anything with ``__geo_interface__``."""
+    if isinstance(geometry, shapely.Geometry):
+        geom = geometry
+    else:
+        mapping = geometry.__geo_interface__ if hasattr(geometry, "__geo_interface__") else geometry
+        if not isinstance(mapping, Mapping):
+            raise GeoJSONError(f"geometry must be a shapely geometry or a GeoJSON mapping, got {type(geometry)}")
+        try:
+            geom = shapely_shape(mapping)
+        except Exception as exc:  # shapely raises several types for malformed input
+            raise GeoJSONError(f"geometry cannot be read: {exc}") from exc
+    if geom.geom_type not in ("Polygon", "MultiPolygon"):
+        raise GeoJSONError(f"geometry must be a Polygon or MultiPolygon, got {geom.geom_type}")
+    if geom.is_empty:
+        raise GeoJSONError("geometry is empty")
+    snapped = shapely.set_precision(geom, _SNAP, mode="pointwise")
+    if not snapped.is_valid:
+        raise GeoJSONError(
+            f"geometry is invalid after snapping to 0.01 px ({shapely.is_valid_reason(snapped)}); "
+            "use equiseg_wsi.polygons.snap_valid first"
+        )
+    mapping = shapely.geometry.mapping(snapped)
+    return {"type": mapping["type"], "coordinates": _round_coords(mapping["coordinates"])}
+
+
+def qupath_feature(
+    geometry: Any,
+    *,
+    object_id: str,
+    object_type: str = "annotation",
+    name: str | None = None,
+    class_name: str | None = None,
+    color: Sequence[int] | None = None,
+    measurements: Mapping[str, float] | None = None,
+    metadata: Mapping[str, object] | None = None,
+    locked: bool = False,
+    child_objects: Iterable[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One QuPath GeoJSON Feature; raises ``GeoJSONError`` (a ValueError) for anything QuPath would reject.
+
+    ``geometry``: shapely Polygon/MultiPolygon (or GeoJSON mapping), snapped here to 0.01 px and required to
+    stay valid. ``class_name`` gets ``color`` or, if none is given, the cluster palette colour for
+    ``"Cluster i"`` and a stable name-derived colour otherwise. ``metadata`` values become strings.
+    """
+    if not isinstance(object_id, str) or not _UUID_RE.match(object_id):
+        raise GeoJSONError(f"object_id must be a hyphenated UUID string, got {object_id!r}")
+    if object_type not in OBJECT_TYPES:
+        raise GeoJSONError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
+    props: dict[str, Any] = {"objectType": object_type}
+    if name is not None:
+        if not isinstance(name, str):
+            raise GeoJSONError(f"name must be a string, got {name!r}")
+        props["name"] = name
+    if class_name is not None:
+        cname = _check_class_name(class_name)
+        rgb = _check_color(color) if color is not None else list(_name_color(cname))
+        props["classification"] = {"name": cname, "color": rgb}
+    elif color is not None:
+        raise GeoJSONError("color is the colour of a classification: give class_name too")
+    props["isLocked"] = bool(locked)
+    if measurements:
+        meas: dict[str, int | float] = {}
+        for key, value in measurements.items():
+            if not isinstance(key, str) or not key:
+                raise GeoJSONError(f"measurement names must be non-empty strings, got {key!r}")
+            meas[key] = _number(value, key)
+        props["measurements"] = meas
+    if metadata:
+        meta: dict[str, str] = {}
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not key:
+                raise GeoJSONError(f"metadata keys must be non-empty strings, got {key!r}")
+            meta[key] = "" if value is None else str(value)
+        props["metadata"] = meta
+    if child_objects is not None:
+        children = [dict(c) for c in child_objects]
+        if children:
+            props["childObjects"] = children
+    return {"type": "Feature", "id": object_id, "geometry": _geometry_dict(geometry), "properties": props}
+
+
+def feature_collection(features: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Wrap features in a GeoJSON FeatureCollection (QuPath imports one per file)."""
+    return {"type": "FeatureCollection", "features": [dict(f) for f in features]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_finite_number(v: object) -> bool:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        return False
+    return math.isfinite(float(v))
+
+
+def _geometry_problems(geom: object, where: str) -> list[str]:
+    if not isinstance(geom, Mapping):
+        return [f"{where}: geometry missing or not an object"]
+    gtype = geom.get("type")
+    if gtype not in ("Polygon", "MultiPolygon"):
+        return [f"{where}: geometry type must be Polygon or MultiPolygon, got {gtype!r}"]
+    try:
+        g = shapely_shape(geom)
+    except Exception as exc:  # malformed coordinates
+        return [f"{where}: geometry cannot be read ({exc})"]
+    if g.is_empty:
+        return [f"{where}: geometry is empty"]
+    coords = shapely.get_coordinates(g)
+    if not np.isfinite(coords).all():
+        return [f"{where}: geometry has non-finite coordinates"]
+    if not g.is_valid:
+        return [f"{where}: geometry invalid ({shapely.is_valid_reason(g)})"]
+    snapped = shapely.set_precision(g, _SNAP, mode="pointwise")
+    if not snapped.is_valid:
+        return [f"{where}: geometry invalid after snapping to 0.01 px ({shapely.is_valid_reason(snapped)})"]
+    return []
+
+
+def _feature_problems(feat: object, where: str) -> list[str]:
+    if not isinstance(feat, Mapping):
+        return [f"{where}: not an object"]
+    problems: list[str] = []
+    if feat.get("type") != "Feature":
+        problems.append(f"{where}: type must be 'Feature', got {feat.get('type')!r}")
+    fid = feat.get("id")
+    if not isinstance(fid, str) or not _UUID_RE.match(fid):
+        problems.append(f"{where}: id must be a hyphenated UUID string, got {fid!r}")
+    problems += _geometry_problems(feat.get("geometry"), where)
+    props = feat.get("properties")
+    if not isinstance(props, Mapping):
+        return problems + [f"{where}: properties missing or not an object"]
+    otype = props.get("objectType")
+    if otype is None:
+        problems.append(f"{where}: properties.objectType missing")
+    elif otype == "tmaCore":
+        problems.append(f"{where}: properties.objectType 'tmaCore' is dropped by QuPath's import (use .qptma)")
+    elif otype not in OBJECT_TYPES:
+        problems.append(f"{where}: properties.objectType {otype!r} is not one of {OBJECT_TYPES}")
+    if "type" in props:
+        problems.append(f"{where}: properties.type must not be used (QuPath reads it as the object type)")
+    if "name" in props and not isinstance(props["name"], str):
+        problems.append(f"{where}: properties.name must be a string")
+    if "isLocked" in props and not isinstance(props["isLocked"], bool):
+        problems.append(f"{where}: properties.isLocked must be true or false")
+    if "classification" in props:
+        cls = props["classification"]
+        if not isinstance(cls, Mapping):
+            problems.append(f"{where}: properties.classification must be an object")
+        else:
+            cname = cls.get("name")
+            if not isinstance(cname, str) or not cname:
+                problems.append(f"{where}: classification.name missing or not a string")
+            elif ":" in cname or "\n" in cname or "\r" in cname:
+                problems.append(f"{where}: classification.name {cname!r} contains ':' or a newline")
+            col = cls.get("color")
+            if col is None:
+                problems.append(f"{where}: classification.color missing (QuPath fails to parse the class)")
+            elif not (isinstance(col, list) and len(col) == 3 and all(_is_int(c) and 0 <= c <= 255 for c in col)):
+                problems.append(f"{where}: classification.color must be [r, g, b] integers 0-255, got {col!r}")
+    if "measurements" in props:
+        meas = props["measurements"]
+        if not isinstance(meas, Mapping):
+            problems.append(f"{where}: properties.measurements must be a flat object of numbers")
+        else:
+            for k, v in meas.items():
+                if not isinstance(k, str):
+                    problems.append(f"{where}: measurement name {k!r} is not a string")
+                elif not _is_finite_number(v):
+                    problems.append(f"{where}: measurement {k!r} must be a finite number, got {v!r}")
+    if "metadata" in props:
+        meta = props["metadata"]
+        if not isinstance(meta, Mapping):
+            problems.append(f"{where}: properties.metadata must be an object of strings")
+        else:
+            for k, v in meta.items():
+                if not isinstance(k, str) or not isinstance(v, str):
+                    problems.append(f"{where}: metadata {k!r} must map a string to a string, got {v!r}")
+    if "childObjects" in props:
+        children = props["childObjects"]
+        if not isinstance(children, list):
+            problems.append(f"{where}: properties.childObjects must be a list of features")
+        else:
+            for i, child in enumerate(children):
+                problems += _feature_problems(child, f"{where}.childObjects[{i}]")
+    return problems
+
+
+def qupath_problems(collection: object) -> list[str]:
+    """Every way ``collection`` breaks QuPath's import rules (DESIGN 3.4); empty means QuPath will import it.
+
+    Also flags duplicate ids (QuPath would keep both objects but the ids would no longer identify them).
+    """
+    if not isinstance(collection, Mapping):
+        return ["top level: not a JSON object"]
+    problems: list[str] = []
+    if collection.get("type") != "FeatureCollection":
+        problems.append(f"top level: type must be 'FeatureCollection', got {collection.get('type')!r}")
+    feats = collection.get("features")
+    if not isinstance(feats, list):
+        return problems + ["top level: features must be a list"]
+    for i, feat in enumerate(feats):
+        problems += _feature_problems(feat, f"features[{i}]")
+    seen: dict[str, str] = {}
+
+    def walk(feat: object, where: str) -> None:
+        if not isinstance(feat, Mapping):
+            return
+        fid = feat.get("id")
+        if isinstance(fid, str):
+            if fid in seen:
+                problems.append(f"{where}: id {fid} already used by {seen[fid]}")
+            else:
+                seen[fid] = where
+        props = feat.get("properties")
+        children = props.get("childObjects") if isinstance(props, Mapping) else None
+        if isinstance(children, list):
+            for j, child in enumerate(children):
+                walk(child, f"{where}.childObjects[{j}]")
+
+    for i, feat in enumerate(feats):
+        walk(feat, f"features[{i}]")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+
+_FEATURE_KEYS = ("type", "id", "geometry", "properties")
+_PROPERTY_KEYS = ("objectType", "name", "classification", "isLocked", "measurements", "metadata", "childObjects")
+
+
+def _canonical(feat: Mapping[str, Any]) -> dict[str, Any]:
+    """Fixed key order (known keys first, in QuPath's order; others sorted) so output bytes are stable."""
+    out: dict[str, Any] = {k: feat[k] for k in _FEATURE_KEYS if k in feat}
+    out.update({k: feat[k] for k in sorted(feat) if k not in _FEATURE_KEYS})
+    props = feat.get("properties")
+    if isinstance(props, Mapping):
+        p: dict[str, Any] = {k: props[k] for k in _PROPERTY_KEYS if k in props}
+        p.update({k: props[k] for k in sorted(props) if k not in _PROPERTY_KEYS})
+        if isinstance(p.get("classification"), Mapping):
+            cls = p["classification"]
+            p["classification"] = {k: cls[k] for k in ("name", "color") if k in cls}
+        if isinstance(p.get("childObjects"), list):
+            p["childObjects"] = [_canonical(c) if isinstance(c, Mapping) else c for c in p["childObjects"]]
+        out["properties"] = p
+    return out
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default)
+
+
+def geojson_bytes(features_or_collection: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> bytes:
+    """The exact UTF-8 text ``write_geojson`` writes: one feature per line, fixed key order, no NaN."""
+    if isinstance(features_or_collection, Mapping):
+        features = features_or_collection.get("features")
+        if features_or_collection.get("type") != "FeatureCollection" or not isinstance(features, list):
+            raise GeoJSONError("expected a FeatureCollection or a list of features")
+    else:
+        features = list(features_or_collection)
+    try:
+        lines = [_dumps(_canonical(f)) for f in features]
+    except ValueError as exc:  # NaN/inf from allow_nan=False
+        raise GeoJSONError(f"GeoJSON cannot hold this value: {exc}") from exc
+    body = ",\n".join(lines)
+    text = '{"type":"FeatureCollection","features":[\n' + body + ("\n" if lines else "") + "]}\n"
+    return text.encode("utf-8")
+
+
+def _check_suffix(path: Path) -> bool:
+    """True for .geojson.gz, False for .geojson; refuse anything else with the reason."""
+    name = path.name.lower()
+    if name.endswith(_GZ_SUFFIX):
+        return True
+    if name.endswith(_SUFFIX):
+        return False
+    if name.endswith(".json") or name.endswith(".json.gz"):
+        raise GeoJSONError(f"{path}: use the .geojson suffix, not .json (QuPath parses a dropped .json twice)")
+    raise GeoJSONError(f"{path}: a QuPath GeoJSON file must end in .geojson or .geojson.gz")
+
+
+def write_geojson(
+    path: str | os.PathLike[str],
+    features_or_collection: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+    *,
+    validate: bool = True,
+) -> Path:
+    """Write features as QuPath GeoJSON (``.geojson`` or gzip ``.geojson.gz``), atomically; return the path.
+
+    Identical input gives byte-identical files (fixed key order, shortest round-trip floats, gzip without
+    timestamp or file name). With ``validate`` (default) the collection is checked with ``qupath_problems``
+    first and nothing is written if QuPath would reject it.
+    """
+    target = Path(path)
+    gz = _check_suffix(target)
+    if isinstance(features_or_collection, Mapping):
+        collection = features_or_collection
+    else:
+        collection = feature_collection(features_or_collection)
+    if validate:
+        problems = qupath_problems(collection)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise GeoJSONError(f"{target}: QuPath would reject this GeoJSON: {problems[0]}{more}")
+    data = geojson_bytes(collection)
+    if gz:
+        buf = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=6, mtime=0) as fh:
+            fh.write(data)
+        data = buf.getvalue()
+    return atomic_write_bytes(target, data)
+
+
+def read_geojson(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``.geojson`` or ``.geojson.gz`` file (for tests and round trips)."""
+    target = Path(path)
+    raw = target.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return json.loads(raw.decode("utf-8"))
