@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import click
-from equiseg_cli.options import backend_option, mpp_option
 
+from equiseg_cli.options import backend_option, mpp_option
 from equiseg_wsi.errors import EquisegError
 from equiseg_wsi.slide import SlideInfo, open_slide
 

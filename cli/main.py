@@ -16,6 +16,7 @@ from equiseg_wsi.errors import EquisegError
 COMMANDS: dict[str, str] = {
     "info": "equiseg_cli.info:info",
     "preprocess": "equiseg_cli.preprocess:preprocess",
+    "run": "equiseg_cli.run:run",
 }
 
 

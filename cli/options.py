@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import click
 
 backend_option = click.option(
@@ -28,3 +32,40 @@ quiet_option = click.option(
     help="No progress bar and no summary line (errors are still shown). The bar is also off when stderr "
     "is not a terminal.",
 )
+
+
+def feature_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that decide the features (shared by run, fit and robustness)."""
+    options = [
+        click.option(
+            "--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+            help="Model weights: an equiseg weights file or a reference SRE-Conv checkpoint (.pth). Default: the "
+            "packaged default model (a documented seeded random initialisation until a trained one ships).",
+        ),
+        click.option(
+            "--target-mpp", type=click.FloatRange(min=0, min_open=True), default=2.5, show_default=True,
+            help="Resolution the model sees, in µm/px (2.5 ≈ the paper's 5,000 px cores at 0.25 µm/px resized "
+            "to 512 px). One feature cell is 8 px, i.e. 20 µm at 2.5 µm/px.",
+        ),
+        click.option(
+            "--layer", default="layer4", show_default=True,
+            help="Feature layer: layer1..layer4, or several joined with '+' (e.g. layer3+layer4), upsampled to "
+            "the finest stride among them.",
+        ),
+        click.option(
+            "--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+            help="Where the CNN runs; auto picks CUDA, then MPS, then CPU.",
+        ),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+            help="Tiles per forward pass (raise it on a GPU, e.g. 32).",
+        ),
+        click.option(
+            "--halo", type=click.IntRange(min=0), default=None,
+            help="Context margin read around each tile, in px at --target-mpp (multiple of 8). Default: the "
+            "model's recommended halo.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

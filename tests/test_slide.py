@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from equiseg_cli.main import cli
 from PIL import Image
 
+from equiseg_cli.main import cli
 from equiseg_wsi.errors import MppUnknownError, SlideError
 from equiseg_wsi.slide import open_slide
 

@@ -1,0 +1,114 @@
+"""`equiseg run`: slides in, QuPath GeoJSON, biomarker tables, overlays and a manifest out."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from equiseg_cli.options import backend_option, feature_options, mpp_option, quiet_option
+from equiseg_wsi.cluster import ClusterModel
+from equiseg_wsi.inputs import collect_inputs
+from equiseg_wsi.runner import RunOptions, run_slides, write_run_outputs
+from equiseg_wsi.segment import SegmentOptions
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: OUT/<slide>/ per slide, OUT/biomarkers.csv and OUT/manifest.json.")
+@click.option("--n-clusters", type=click.IntRange(2, 20), default=3, show_default=True,
+              help="K, the number of KMeans clusters (segments) per region.")
+@click.option("--n-samples", type=click.IntRange(min=10), default=2000, show_default=True,
+              help="Tissue positions (feature cells) sampled per region to fit KMeans.")
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="Seed of sampling and KMeans (and of the random initialisation when no weights are given).")
+@click.option("--kmeans-model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Apply this saved cohort model (from `equiseg fit`) instead of fitting KMeans per region.")
+@feature_options
+@mpp_option
+@backend_option
+@click.option("--tile-size", type=click.IntRange(min=64), default=512, show_default=True,
+              help="Tile interior in pixels at --target-mpp (multiple of 8); larger tiles need more memory.")
+@click.option("--min-area", type=click.FloatRange(min=0), default=2000.0, show_default=True,
+              help="Smallest segment kept, in µm²; smaller pieces join the neighbouring segment.")
+@click.option("--tissue-mpp", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+              help="Resolution of the tissue mask, in µm/px.")
+@click.option("--min-tissue-area", type=click.FloatRange(min=0), default=20000.0, show_default=True,
+              help="Smallest tissue piece processed as a region of a whole slide, in µm² (debris is ignored).")
+@click.option("--bounds-offset/--no-bounds-offset", default=True, show_default=True,
+              help="Subtract OpenSlide's bounds-x/-y from exported coordinates, as QuPath crops MRXS slides there.")
+@click.option("--overwrite/--resume", default=False, show_default=True,
+              help="--resume skips slides whose outputs are complete from an earlier run; --overwrite redoes them.")
+@quiet_option
+def run(
+    inputs: tuple[Path, ...], out_dir: Path, n_clusters: int, n_samples: int, seed: int,
+    kmeans_model: Path | None, weights: Path | None, target_mpp: float, layer: str, device: str,
+    batch_size: int, halo: int | None, mpp: float | None, backend: str, tile_size: int, min_area: float,
+    tissue_mpp: float, min_tissue_area: float, bounds_offset: bool, overwrite: bool, quiet: bool,
+) -> None:
+    """Segment every slide or core image in INPUTS and write QuPath GeoJSON, biomarker CSVs and overlays.
+
+    INPUTS are slide files (SVS, TIFF, NDPI, MRXS, ...), plain core images (JPEG/PNG), folders of them
+    (searched recursively; a manifest.csv inside gives mpp, slide, core and case_id), and CSV manifests with
+    a `path` or `processed` column. A plain image is one core; a whole slide is processed as its tissue
+    pieces. Exit code 1 when any slide failed (the manifest says why), 0 otherwise.
+    """
+    from equiseg_wsi.features import load_extractor
+
+    started = time.perf_counter()
+    sources = collect_inputs(inputs, mpp=mpp)
+    extractor = load_extractor(weights, seed=seed, layer=layer, device=device, batch_size=batch_size)
+    identity = extractor.feature_identity(target_mpp)
+    model = None
+    if kmeans_model is not None:
+        model = ClusterModel.load(kmeans_model)
+        model.check_compatible(identity)
+    options = RunOptions(
+        segment=SegmentOptions(
+            n_clusters=model.k if model is not None else n_clusters, n_samples=n_samples, seed=seed,
+            target_mpp=target_mpp, tile_size=tile_size, halo=halo if halo is not None else extractor.default_halo,
+            batch_size=batch_size, min_segment_um2=min_area,
+        ),
+        backend=backend, mpp=mpp, tissue_mpp=tissue_mpp, tissue_min_area_um2=min_tissue_area,
+        apply_bounds_offset=bounds_offset, overwrite=overwrite,
+    )
+    show = not quiet and sys.stderr.isatty()
+    slides_bar = tqdm(total=len(sources), desc="slides", unit="slide", disable=not show, position=0)
+    tiles_bar = tqdm(desc="tiles", unit="tile", disable=not show, position=1, leave=False)
+
+    def on_slide(i: int, source: object) -> None:
+        slides_bar.n = i
+        slides_bar.set_postfix_str(getattr(source, "name", ""))
+        slides_bar.refresh()
+        tiles_bar.reset()
+
+    def on_tiles(done: int, total: int, what: str) -> None:
+        tiles_bar.total = total
+        tiles_bar.n = done
+        tiles_bar.refresh()
+
+    results = run_slides(sources, out_dir, extractor, options, identity, model=model,
+                         on_slide=on_slide, progress=on_tiles)
+    slides_bar.n = len(sources)
+    slides_bar.close()
+    tiles_bar.close()
+    model_info = {"extractor": identity, "kmeans_model": str(kmeans_model) if kmeans_model else None}
+    manifest, _ = write_run_outputs(out_dir, results, options, model_info)
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        click.echo(f"Error: {r.error}", err=True)
+    if not quiet:
+        done = sum(r.status == "done" for r in results)
+        skipped = sum(r.status == "skipped" for r in results)
+        regions = sum(len(r.regions) for r in results)
+        click.echo(
+            f"{done} slide(s) done, {skipped} skipped (already complete), {len(failed)} failed; {regions} region(s); "
+            f"{time.perf_counter() - started:.1f} s; outputs in {out_dir} (manifest: {manifest.name})",
+            err=True,
+        )
+    if failed:
+        raise SystemExit(1)

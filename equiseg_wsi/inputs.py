@@ -1,0 +1,136 @@
+"""Turn what the user named (slide files, folders, CSV manifests) into a list of slides to process."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from equiseg_wsi.cores import find_images, parse_core_name
+from equiseg_wsi.errors import InputError
+from equiseg_wsi.slide import PLAIN_IMAGE_SUFFIXES
+
+MANIFEST_NAME = "manifest.csv"
+PATH_COLUMNS = ("processed", "path")
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """One input file and what is known about it before opening it."""
+
+    path: Path
+    name: str  # unique output-folder name within the run
+    slide: str  # slide id (Gleason `slide001`, else the file stem)
+    core: str  # core id ('' for a whole slide)
+    mpp: float | None  # µm/px from a manifest or the user; the file's own metadata wins when present
+    case_id: str
+    is_core: bool  # one image = one core (plain images, manifest rows naming a core)
+
+
+def _float(value: str | None, where: str) -> float | None:
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise InputError(f"{where}: mpp {value!r} is not a number") from exc
+    if not number > 0:
+        raise InputError(f"{where}: mpp {value!r} must be positive")
+    return number
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV manifest with a `processed` or `path` column; relative paths are taken from its folder."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read manifest ({exc})") from exc
+    column = next((c for c in PATH_COLUMNS if c in columns), None)
+    if column is None:
+        raise InputError(f"{path}: manifest needs a 'processed' or 'path' column (has: {', '.join(columns) or 'none'})")
+    out = []
+    for i, row in enumerate(rows, start=2):
+        if not row.get(column):
+            raise InputError(f"{path}, line {i}: empty {column!r}")
+        file = Path(row[column])
+        row["path"] = str(file if file.is_absolute() else (path.parent / file))
+        row["_where"] = f"{path}, line {i}"
+        out.append(row)
+    return out
+
+
+def _source(path: Path, row: dict[str, str] | None, default_mpp: float | None) -> SlideSource:
+    slide, core = parse_core_name(path)
+    where = row["_where"] if row else str(path)
+    if row:
+        slide = row.get("slide") or slide
+        core = row.get("core") or core
+    mpp = _float(row.get("mpp"), where) if row else None
+    is_core = path.suffix.lower() in PLAIN_IMAGE_SUFFIXES or bool(row and row.get("core"))
+    mpp = mpp if mpp is not None else default_mpp
+    return SlideSource(path, path.stem, slide, core, mpp, (row or {}).get("case_id", ""), is_core)
+
+
+def collect_inputs(
+    inputs: Sequence[str | os.PathLike[str]],
+    mpp: float | None = None,
+    exclude: str | os.PathLike[str] | None = None,
+) -> list[SlideSource]:
+    """Slides named directly, found in folders (recursively, with any manifest.csv there), or listed in CSVs.
+
+    `mpp` (µm/px) is the fallback for files whose metadata and manifest row have none. Folders at or below
+    `exclude` (the run's output folder) are not searched. A file named twice is processed once. Output names
+    are file stems, made unique with a counter when two files share one.
+    """
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found: list[SlideSource] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        if path.is_dir():
+            found.extend(_from_folder(path, mpp, skip))
+        elif path.suffix.lower() == ".csv":
+            found.extend(_source(Path(r["path"]), r, mpp) for r in read_manifest(path))
+        else:
+            found.append(_source(path, None, mpp))
+    return _unique(found)
+
+
+def _from_folder(folder: Path, mpp: float | None, skip: Path | None) -> Iterable[SlideSource]:
+    below = (d for d in folder.rglob("*") if d.is_dir())
+    folders = [folder, *sorted(d for d in below if not any(p.startswith(".") for p in d.relative_to(folder).parts))]
+    if skip is not None:
+        folders = [d for d in folders if not d.resolve().is_relative_to(skip)]
+    rows: dict[Path, dict[str, str]] = {}
+    for d in folders:
+        if (d / MANIFEST_NAME).is_file():
+            for row in read_manifest(d / MANIFEST_NAME):
+                rows[Path(row["path"]).resolve()] = row
+    for d in folders:
+        for image in find_images(d):
+            yield _source(image, rows.get(image.resolve()), mpp)
+
+
+def _unique(found: list[SlideSource]) -> list[SlideSource]:
+    seen: set[Path] = set()
+    names: dict[str, int] = {}
+    out = []
+    for source in found:
+        path = source.path
+        key = path.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        stem = path.name.split(".")[0] or "slide"
+        names[stem] = names.get(stem, 0) + 1
+        name = stem if names[stem] == 1 else f"{stem}-{names[stem]}"
+        out.append(replace(source, name=name))
+    if not out:
+        raise InputError("no slide or image files found in the inputs")
+    return out
