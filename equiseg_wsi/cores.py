@@ -68,10 +68,8 @@ def find_images(folder: str | os.PathLike[str]) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    return sorted(
-        (p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES),
-        key=lambda p: p.name,
-    )
+    found = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    return sorted((p for p in found if p.is_file()), key=lambda p: p.name)
 
 
 def masked_core(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
