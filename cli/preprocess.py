@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import click
-from equiseg_cli.options import backend_option, mpp_option, quiet_option
 from tqdm import tqdm
 
+from equiseg_cli.options import backend_option, mpp_option, quiet_option
 from equiseg_wsi.cores import find_images, preprocess_core, read_mpp_manifest, write_preprocess_csv
 from equiseg_wsi.errors import EquisegError
 from equiseg_wsi.tissue import DEFAULT_MIN_AREA_UM2, DEFAULT_TISSUE_MPP
