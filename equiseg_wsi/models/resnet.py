@@ -1,0 +1,198 @@
+"""SRE-ResNet-18 as published and its standard-convolution twin (DESIGN 3.2).
+
+Stride-1 stem, no max-pool, four stages of basic blocks; a stage that downsamples does it with 2x2 average
+pooling *before* a stride-1 conv (strided convs would break rot90 equivariance), and its shortcut is
+avg-pool -> 1x1 conv -> BN.  Module names follow the reference implementation so its state_dict loads
+directly (``conv1``, ``bn1``, ``layerS.B.conv1[.1]``, ``layerS.B.conv2``, ``layerS.0.downsample.{1,2}``, ``fc``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .sre_conv import SREConv2d
+
+__all__ = ["ArchSpec", "BasicBlock", "ResNetFeatures", "build_model", "LAYER_STRIDES"]
+
+LAYER_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything needed to rebuild a model: ``build_model(spec)`` gives the same modules and keys.
+
+    kind: "sre" (ring kernels) or "standard" (ordinary K x K kernels, the robustness baseline).
+    num_classes: size of the training head ``fc``; 0 means no head (feature extraction only).
+    """
+
+    kind: str = "sre"
+    stem_kernel: int = 5
+    kernel_sizes: tuple[int, ...] = (9, 9, 5, 5)
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    blocks: tuple[int, ...] = (2, 2, 2, 2)
+    strides: tuple[int, ...] = (1, 2, 2, 2)
+    num_classes: int = 0
+    in_channels: int = 3
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sre", "standard"):
+            raise ValueError(f"kind must be 'sre' or 'standard', got {self.kind!r}")
+        n = len(self.widths)
+        if not (len(self.kernel_sizes) == len(self.blocks) == len(self.strides) == n):
+            raise ValueError("kernel_sizes, widths, blocks and strides must have the same length")
+        for k in (self.stem_kernel, *self.kernel_sizes):
+            if k % 2 == 0 or k < 1:
+                raise ValueError(f"kernel sizes must be odd, got {k}")
+        for s in self.strides:
+            if s not in (1, 2):
+                raise ValueError(f"stage strides must be 1 or 2, got {s}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (stored in weight files and run manifests)."""
+        d = asdict(self)
+        for k in ("kernel_sizes", "widths", "blocks", "strides"):
+            d[k] = list(d[k])
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ArchSpec fields: {sorted(unknown)}")
+        kw = dict(d)
+        for k in ("kernel_sizes", "widths", "blocks", "strides"):
+            if k in kw:
+                kw[k] = tuple(int(v) for v in kw[k])
+        return cls(**kw)
+
+    def layer_strides(self) -> dict[str, int]:
+        """Output stride of each named layer relative to the input."""
+        out = {"stem": 1}
+        s = 1
+        for i, st in enumerate(self.strides):
+            s *= st
+            out[f"layer{i + 1}"] = s
+        return out
+
+    def layer_channels(self) -> dict[str, int]:
+        out = {"stem": self.widths[0]}
+        for i, w in enumerate(self.widths):
+            out[f"layer{i + 1}"] = w
+        return out
+
+
+LAYER_STRIDES = ArchSpec().layer_strides()
+
+
+def _conv(kind: str, cin: int, cout: int, k: int, generator: torch.Generator | None) -> nn.Module:
+    if kind == "sre":
+        return SREConv2d(cin, cout, k, bias=False, generator=generator)
+    conv = nn.Conv2d(cin, cout, k, stride=1, padding=k // 2, bias=False)
+    _kaiming(conv, generator)
+    return conv
+
+
+def _kaiming(conv: nn.Conv2d, generator: torch.Generator | None) -> None:
+    """He-normal (fan_out, ReLU) as torchvision, drawn from our generator so seeds reproduce."""
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2.0 / fan_out) ** 0.5)
+
+
+class BasicBlock(nn.Module):
+    """Two K x K convs with BN/ReLU and a residual; downsampling is avg-pool first, never a strided conv."""
+
+    def __init__(self, kind: str, inplanes: int, planes: int, k: int, stride: int,
+                 generator: torch.Generator | None) -> None:
+        super().__init__()
+        conv1 = _conv(kind, inplanes, planes, k, generator)
+        self.conv1: nn.Module = nn.Sequential(nn.AvgPool2d(stride, stride), conv1) if stride != 1 else conv1
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv(kind, planes, planes, k, generator)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            sc = nn.Conv2d(inplanes, planes, 1, bias=False)
+            _kaiming(sc, generator)
+            self.downsample = nn.Sequential(nn.AvgPool2d(stride, stride), sc, nn.BatchNorm2d(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNetFeatures(nn.Module):
+    """SRE-ResNet (or its standard twin) that returns intermediate maps by name.
+
+    ``forward(x)`` gives logits when the spec has a head; feature extraction uses :meth:`features`.
+    """
+
+    def __init__(self, spec: ArchSpec, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        w0 = spec.widths[0]
+        self.conv1 = _conv(spec.kind, spec.in_channels, w0, spec.stem_kernel, generator)
+        self.bn1 = nn.BatchNorm2d(w0)
+        self.relu = nn.ReLU(inplace=True)
+        inplanes = w0
+        stages = zip(spec.widths, spec.kernel_sizes, spec.blocks, spec.strides, strict=True)
+        for i, (planes, k, n, s) in enumerate(stages):
+            blocks = [BasicBlock(spec.kind, inplanes, planes, k, s, generator)]
+            blocks += [BasicBlock(spec.kind, planes, planes, k, 1, generator) for _ in range(1, n)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            inplanes = planes
+        self.fc: nn.Module | None = None
+        if spec.num_classes > 0:
+            self.fc = nn.Linear(inplanes, spec.num_classes)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [f"layer{i + 1}" for i in range(len(self.spec.widths))]
+
+    def features(self, x: Tensor, layers: tuple[str, ...] | list[str] = ("layer4",)) -> dict[str, Tensor]:
+        """Maps of the requested layers ("stem", "layer1", ...); stops after the deepest one requested."""
+        valid = ["stem", *self.stage_names]
+        for name in layers:
+            if name not in valid:
+                raise ValueError(f"unknown layer {name!r}; choose from {valid}")
+        last = max(valid.index(n) for n in layers)
+        out: dict[str, Tensor] = {}
+        x = self.relu(self.bn1(self.conv1(x)))
+        if "stem" in layers:
+            out["stem"] = x
+        for name in valid[1 : last + 1]:
+            x = getattr(self, name)(x)
+            if name in layers:
+                out[name] = x
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(x, (self.stage_names[-1],))[self.stage_names[-1]]
+        if self.fc is None:
+            return x
+        return self.fc(torch.flatten(x.mean(dim=(2, 3), keepdim=True), 1))
+
+
+def build_model(spec: ArchSpec, seed: int | None = None) -> ResNetFeatures:
+    """Build the network of ``spec``; with ``seed`` the random initialisation is reproducible."""
+    gen = None
+    if seed is not None:
+        gen = torch.Generator().manual_seed(int(seed))
+    model = ResNetFeatures(spec, generator=gen)
+    if model.fc is not None and gen is not None:
+        with torch.no_grad():
+            bound = 1.0 / model.fc.in_features ** 0.5
+            model.fc.weight.copy_((torch.rand(model.fc.weight.shape, generator=gen) * 2 - 1) * bound)
+            model.fc.bias.zero_()
+    return model

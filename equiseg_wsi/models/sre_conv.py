@@ -1,0 +1,270 @@
+"""SRE convolution: isotropic K x K kernels with one learnable weight per ring (DESIGN 3.2).
+
+Each kernel is ``W[o, i] = sum_r w[o, i, r] * Mask_r``; the masks are fixed rings around the centre, so the
+layer is exactly equivariant to 90 degree rotations and flips (and close to it at any angle).  The
+weight tensor has shape ``(out, in / groups, b)`` with ``b = K // 2 + 1`` like the reference ``conv1.weight``.
+
+Three numerically equivalent forward paths (all use the *current* weights on every call, so weights loaded
+at any time are used -- no cached kernel that can go stale):
+
+* ``"dense"``: build the dense kernel from the rings, then one ordinary convolution (C_in*C_out*K^2 MACs/px).
+* ``"ring"``: depthwise convolution of each input channel with the b fixed ring masks, then a 1x1 mixing
+  convolution (C_in*b*K^2 + C_in*b*C_out MACs/px).
+* ``"fft"``: the same ring factorisation done in the frequency domain: FFT each input channel once, mix the
+  channels per ring with one matrix product per frequency block, weight each ring by the (real) spectrum of
+  its mask, inverse FFT.  Costs b*C_in*C_out MACs/px plus 2 FFTs per channel; exact up to float rounding
+  (about 1e-6 relative).
+
+``"auto"`` picks per device and shape with a rule measured on CPU (see :func:`choose_path`).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FORWARD_PATHS", "SREConv2d", "choose_path", "ring_masks", "num_rings", "set_forward_path"]
+
+FORWARD_PATHS = ("auto", "dense", "ring", "fft")
+
+
+def num_rings(kernel_size: int) -> int:
+    """Number of ring weights of a K x K SRE kernel (b = K//2 + 1)."""
+    return kernel_size // 2 + 1
+
+
+@lru_cache(maxsize=32)
+def _ring_masks_cached(kernel_size: int) -> Tensor:
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"SRE kernel size must be odd and positive, got {kernel_size}")
+    c = kernel_size // 2
+    b = num_rings(kernel_size)
+    ax = torch.arange(kernel_size, dtype=torch.float64) - c
+    dist = torch.sqrt(ax[:, None] ** 2 + ax[None, :] ** 2)
+    edges = torch.linspace(0.0, c + 0.5, b + 1, dtype=torch.float64)
+    masks = [((dist >= edges[r]) & (dist < edges[r + 1])) for r in range(b)]
+    return torch.stack(masks).to(torch.float32)
+
+
+def ring_masks(kernel_size: int) -> Tensor:
+    """Fixed binary ring masks, shape (b, K, K); pixels at distance >= K//2 + 0.5 (corners) belong to none."""
+    return _ring_masks_cached(kernel_size).clone()
+
+
+def choose_path(
+    device: torch.device, in_channels: int, out_channels: int, kernel_size: int, height: int, width: int,
+    groups: int = 1,
+) -> str:
+    """Pick the fastest exact forward path for this device and shape.
+
+    Rule from measurements on a 2-core AVX-512 CPU (benchmarks/bench_sre.py): oneDNN's dense direct
+    convolution is very efficient, so it wins for small maps and 3x3/5x5 kernels with few channels; the FFT
+    path wins once the per-pixel saving (K^2 / b) outweighs two FFTs per channel, i.e. for K >= 5 on maps of
+    at least 64 x 64 with >= 32 channels.  On GPUs cuDNN's dense convolution is used.
+    """
+    if device.type != "cpu" or groups != 1 or kernel_size < 5:
+        return "dense"
+    if min(height, width) >= 64 and min(in_channels, out_channels) >= 32:
+        return "fft"
+    return "dense"
+
+
+def _good_fft_size(n: int) -> int:
+    """Smallest m >= n whose prime factors are 2, 3 and 5 (fast for pocketfft/MKL)."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+class SREConv2d(nn.Module):
+    """Symmetric rotation-equivariant 2-D convolution, stride 1, zero padding K//2.
+
+    ``path`` forces a forward path ("dense", "ring", "fft") or leaves the choice to ``"auto"``.
+    Strides are deliberately unsupported: downsample with average pooling before the conv (DESIGN 3.2).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        bias: bool = False,
+        groups: int = 1,
+        path: str = "auto",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError("in_channels and out_channels must be divisible by groups")
+        if path not in FORWARD_PATHS:
+            raise ValueError(f"path must be one of {FORWARD_PATHS}, got {path!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = int(kernel_size)
+        self.groups = groups
+        self.padding = self.kernel_size // 2
+        self.path = path
+        b = num_rings(self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, b))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        # Fixed geometry, not learnable and not saved: a checkpoint carries only the ring weights.
+        self.register_buffer("masks", ring_masks(self.kernel_size), persistent=False)
+        self._mask_spectra: dict[tuple, Tensor] = {}
+        self.reset_parameters(generator)
+
+    @property
+    def num_rings(self) -> int:
+        return self.weight.shape[-1]
+
+    def ring_sizes(self) -> Tensor:
+        """Pixels covered by each ring (what each ring weight multiplies)."""
+        return self.masks.sum(dim=(1, 2))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """He-normal initialisation in which each ring weight is scaled by the pixels it touches.
+
+        A ring weight multiplies n_r pixels; on smooth images those pixels are strongly correlated, so the
+        ring's contribution grows like n_r, not sqrt(n_r).  Dividing the std by n_r and sharing the variance
+        budget over the b rings and the fan-in keeps activations of order one through a deep network
+        (the reference's per-pixel initialisation reaches ~1e7 at layer4 on real H&E).
+        """
+        fan_in = self.weight.shape[1] * self.num_rings
+        n = self.ring_sizes().clamp(min=1.0)
+        std = math.sqrt(2.0 / fan_in) / n
+        with torch.no_grad():
+            w = torch.randn(self.weight.shape, generator=generator, dtype=torch.float32)
+            self.weight.copy_(w * std.to(w.dtype))
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def dense_kernel(self) -> Tensor:
+        """The K x K kernel built from the current ring weights, shape (out, in/groups, K, K)."""
+        return torch.einsum("oir,rkl->oikl", self.weight, self.masks.to(self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rings={self.num_rings}"
+             f", path={self.path!r}")
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
+
+    def resolved_path(self, x: Tensor) -> str:
+        if self.path != "auto":
+            if self.path == "fft" and self.groups != 1:
+                return "ring"
+            return self.path
+        return choose_path(x.device, self.in_channels, self.out_channels, self.kernel_size,
+                           x.shape[-2], x.shape[-1], self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        path = self.resolved_path(x)
+        if path == "dense":
+            return self._forward_dense(x)
+        if path == "ring":
+            return self._forward_ring(x)
+        return self._forward_fft(x)
+
+    # -- forward paths ------------------------------------------------------------------------------------
+    def _forward_dense(self, x: Tensor) -> Tensor:
+        w = self.dense_kernel().to(dtype=x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, w, bias, padding=self.padding, groups=self.groups)
+
+    def _forward_ring(self, x: Tensor) -> Tensor:
+        b = self.num_rings
+        masks = self.masks.to(dtype=x.dtype)
+        # depthwise: every input channel against the b fixed masks -> channels ordered (i, r)
+        dw = masks[:, None].repeat(self.in_channels, 1, 1, 1)
+        z = F.conv2d(x, dw, None, padding=self.padding, groups=self.in_channels)
+        mix = self.weight.reshape(self.out_channels, (self.in_channels // self.groups) * b, 1, 1)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(z, mix.to(x.dtype), bias, groups=self.groups)
+
+    def _mask_spectrum(self, n_h: int, n_w: int, device: torch.device) -> Tensor:
+        """Real spectrum of each ring mask centred at the origin, shape (b, n_h * (n_w//2+1)).
+
+        The masks are point-symmetric, so their spectra are real.  Cached per size: they depend only on
+        the fixed geometry, never on the learnable weights.
+        """
+        key = (n_h, n_w, str(device))
+        spec = self._mask_spectra.get(key)
+        if spec is None:
+            c = self.padding
+            m = self.masks.to(device=device, dtype=torch.float64)
+            padded = F.pad(m, (0, n_w - self.kernel_size, 0, n_h - self.kernel_size))
+            padded = torch.roll(padded, shifts=(-c, -c), dims=(1, 2))
+            spec = torch.fft.rfft2(padded).real.to(torch.float32).reshape(self.num_rings, -1).contiguous()
+            self._mask_spectra[key] = spec
+        return spec
+
+    def _forward_fft(self, x: Tensor, block: int = 4096) -> Tensor:
+        if self.groups != 1:
+            return self._forward_ring(x)
+        orig_dtype = x.dtype
+        x = x.float()
+        bsz, cin, h, w = x.shape
+        c = self.padding
+        n_h, n_w = _good_fft_size(h + c), _good_fft_size(w + c)  # >= H + K//2: no wrap-around
+        nf = n_h * (n_w // 2 + 1)
+        b, cout = self.num_rings, self.out_channels
+        spec = self._mask_spectrum(n_h, n_w, x.device)
+        # (b*cout, cin): rows ordered (ring, out)
+        wmat = self.weight.float().permute(2, 0, 1).reshape(b * cout, cin).contiguous()
+        xf = torch.view_as_real(torch.fft.rfft2(x, s=(n_h, n_w)))  # (B, cin, n_h, n_w//2+1, 2)
+        xf = xf.reshape(bsz, cin, nf * 2)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # differentiable (training) variant: same maths, no in-place blocks
+            z = torch.matmul(wmat, xf).view(bsz, b, cout, nf, 2)
+            yf = (z * spec[None, :, None, :, None]).sum(dim=1)
+        else:
+            yf = self._fft_mix_blocked(xf, wmat, spec, block)
+        y = torch.fft.irfft2(torch.view_as_complex(yf).view(bsz, cout, n_h, n_w // 2 + 1), s=(n_h, n_w))
+        y = y[..., :h, :w]
+        if self.bias is not None:
+            y = y + self.bias.float()[None, :, None, None]
+        return y.contiguous().to(orig_dtype)
+
+    def _fft_mix_blocked(self, xf: Tensor, wmat: Tensor, spec: Tensor, block: int) -> Tensor:
+        """Per frequency block: one (b*out, in) matrix product, then the ring-weighted sum; cache-sized."""
+        bsz = xf.shape[0]
+        nf = spec.shape[1]
+        b, cout = self.num_rings, self.out_channels
+        yf = torch.empty(bsz, cout, nf, 2, device=xf.device, dtype=torch.float32)
+        for i in range(bsz):
+            xi = xf[i]
+            yi = yf[i]
+            for f0 in range(0, nf, block):
+                f1 = min(nf, f0 + block)
+                z = (wmat @ xi[:, 2 * f0 : 2 * f1]).view(b, cout, f1 - f0, 2)
+                acc = yi[:, f0:f1]
+                m = spec[:, f0:f1, None]
+                torch.mul(z[0], m[0], out=acc)
+                for r in range(1, b):
+                    acc.addcmul_(z[r], m[r])
+        return yf
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        self._mask_spectra = {}  # device or dtype changes: recompute the mask spectra lazily
+        return super()._apply(fn, *args, **kwargs)
+
+
+def set_forward_path(module: nn.Module, path: str) -> nn.Module:
+    """Force (or reset with "auto") the forward path of every SREConv2d inside ``module``."""
+    if path not in FORWARD_PATHS:
+        raise ValueError(f"path must be one of {FORWARD_PATHS}, got {path!r}")
+    for m in module.modules():
+        if isinstance(m, SREConv2d):
+            m.path = path
+    return module
