@@ -241,9 +241,12 @@ def snap_valid(geom: shapely.Geometry, grid: float = SNAP_GRID) -> MultiPolygon:
     """
     snapped = _polygonal(shapely.set_precision(geom, grid, mode="pointwise"))
     if not snapped.is_valid:
-        snapped = _polygonal(shapely.set_precision(geom, grid))
+        try:
+            snapped = _polygonal(shapely.set_precision(geom, grid))
+        except shapely.errors.GEOSException:  # invalid input: repair first
+            pass
     if not snapped.is_valid:
-        snapped = _polygonal(shapely.set_precision(shapely.make_valid(snapped), grid))
+        snapped = _polygonal(shapely.set_precision(_as_valid_multipolygon(geom), grid))
     if not snapped.is_valid:
         reason = shapely.is_valid_reason(snapped)
         raise PolygonError(f"geometry is invalid after snapping to a {grid} px grid: {reason}")

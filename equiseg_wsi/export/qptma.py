@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from equiseg_wsi.errors import InputError
 from equiseg_wsi.export.atomic import atomic_write_text
 
@@ -220,7 +222,7 @@ def qptma_text(cores: Sequence[Any], grid_width: int, grid_height: int, *, id_co
         if w <= 0 or h <= 0:
             raise QptmaError(f"{where}: width and height must be > 0 (missing cores need their expected box)")
         present = _get(core, "present")
-        if not isinstance(present, bool) and type(present).__name__ != "bool_":
+        if not isinstance(present, (bool, np.bool_)):
             raise QptmaError(f"{where}: present must be True or False, got {present!r}")
         case_id = _text(_get(core, "case_id", "", required=False), f"{where} case id", allow_empty=True)
         xi, yi = math.floor(x), math.floor(y)
