@@ -14,9 +14,11 @@ Why it is done this way (DESIGN 3.4):
   invalid after that. Every geometry returned here is already snapped (``shapely.set_precision(g, 0.01)``)
   and checked valid after snapping.
 
-Typical vertex counts (measured on a 3-cluster label map of real H&E, 256 x 256 cells, default tolerance):
-a few hundred to a few thousand vertices per cluster MultiPolygon, about 3-4x fewer than the raw pixel-edge
-trace; see ``tests/test_polygons.py`` and the module's report for the figures.
+Vertex counts (measured on a 500 x 500-cell, 3-cluster label map of real H&E after
+``remove_small_segments(labels, 16)``; 734 polygons): the default (tolerance 1 cell, tissue border kept
+exact) gives median 17 and at most ~4,000 vertices per polygon, ~31,600 in all (~0.13 per cell), against
+~44,900 for the exact pixel-edge outline; polygonising takes ~0.25 s on one CPU core. Without small-segment
+removal the same map has ~13,000 polygons (median 5 vertices) and takes ~1.2 s: remove small segments first.
 """
 
 from __future__ import annotations
