@@ -1,0 +1,120 @@
+"""SRE convolution layer: ring geometry, forward paths, exact equivariance, no stale kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from equiseg_wsi.models.sre_conv import SREConv2d, choose_path, num_rings, ring_masks
+
+TRANSFORMS = {
+    "rot90": lambda t: torch.rot90(t, 1, (-2, -1)),
+    "rot180": lambda t: torch.rot90(t, 2, (-2, -1)),
+    "rot270": lambda t: torch.rot90(t, 3, (-2, -1)),
+    "hflip": lambda t: torch.flip(t, (-1,)),
+    "vflip": lambda t: torch.flip(t, (-2,)),
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("k,sizes", [(3, [1, 8]), (5, [1, 8, 12]), (7, [1, 8, 12, 16]), (9, [1, 8, 12, 16, 32])])
+def test_ring_masks_geometry(k: int, sizes: list[int]) -> None:
+    m = ring_masks(k)
+    assert m.shape == (num_rings(k), k, k) == (k // 2 + 1, k, k)
+    assert m.sum(dim=(1, 2)).tolist() == sizes
+    assert m.sum(0).max() == 1  # rings are disjoint
+    if k >= 5:  # distance >= K//2 + 0.5: corners are zero (for K = 3 the corners are at 1.41 < 1.5)
+        assert m[:, 0, 0].sum() == 0 and m[:, -1, -1].sum() == 0
+    assert m[0, k // 2, k // 2] == 1  # ring 0 is the centre
+    for t in TRANSFORMS.values():
+        assert torch.equal(t(m), m)
+
+
+def test_weight_shape_matches_reference_layout() -> None:
+    conv = SREConv2d(3, 64, 5)
+    assert tuple(conv.weight.shape) == (64, 3, 3)
+    assert list(conv.state_dict()) == ["weight"]  # masks are geometry, not saved
+    assert list(SREConv2d(4, 4, 3, bias=True).state_dict()) == ["weight", "bias"]
+
+
+@pytest.mark.parametrize("k", [3, 5, 9])
+@pytest.mark.parametrize("groups,bias", [(1, False), (1, True), (2, True)])
+def test_forward_paths_agree(k: int, groups: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    conv = SREConv2d(8, 6, k, bias=bias, groups=groups).eval()
+    if bias:
+        torch.nn.init.normal_(conv.bias)
+    x = torch.randn(2, 8, 24, 20)
+    outs = {}
+    for path in ("dense", "ring", "fft"):
+        conv.path = path
+        with torch.inference_mode():
+            outs[path] = conv(x)
+    assert outs["dense"].shape == (2, 6, 24, 20)
+    assert rel(outs["ring"], outs["dense"]) < 1e-5
+    assert rel(outs["fft"], outs["dense"]) < 1e-5
+
+
+def test_fft_path_is_differentiable() -> None:
+    conv = SREConv2d(4, 4, 5, path="fft")
+    x = torch.randn(1, 4, 16, 16, requires_grad=True)
+    conv(x).square().sum().backward()
+    conv2 = SREConv2d(4, 4, 5, path="dense")
+    conv2.load_state_dict(conv.state_dict())
+    x2 = x.detach().clone().requires_grad_(True)
+    conv2(x2).square().sum().backward()
+    assert rel(conv.weight.grad, conv2.weight.grad) < 1e-4
+    assert rel(x.grad, x2.grad) < 1e-4
+
+
+@pytest.mark.parametrize("path", ["dense", "ring", "fft"])
+@pytest.mark.parametrize("k", [3, 5, 9])
+def test_layer_exactly_equivariant(path: str, k: int) -> None:
+    torch.manual_seed(1)
+    conv = SREConv2d(4, 5, k, path=path).eval()
+    x = torch.randn(1, 4, 64, 64)
+    with torch.inference_mode():
+        y = conv(x)
+        for name, t in TRANSFORMS.items():
+            assert rel(conv(t(x)), t(y)) < 1e-5, name
+
+
+def test_weights_loaded_after_eval_are_used() -> None:
+    torch.manual_seed(2)
+    conv = SREConv2d(3, 4, 5).eval()
+    x = torch.randn(1, 3, 16, 16)
+    new = {"weight": torch.randn_like(conv.weight)}
+    for path in ("dense", "ring", "fft"):
+        conv.path = path
+        before = conv(x).detach()
+        conv.load_state_dict(new)
+        after = conv(x).detach()
+        fresh = SREConv2d(3, 4, 5, path="dense")
+        fresh.load_state_dict(new)
+        assert rel(after, fresh(x).detach()) < 1e-5
+        assert rel(before, after) > 1e-2 or path != "dense"
+        conv.load_state_dict({"weight": torch.randn_like(conv.weight)})
+
+
+def test_seeded_init_and_activation_scale() -> None:
+    a = SREConv2d(16, 16, 9, generator=torch.Generator().manual_seed(5))
+    b = SREConv2d(16, 16, 9, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.weight, b.weight)
+    # a constant (maximally smooth) input keeps its scale: sum over rings of n_r * w_r ~ O(1)
+    x = torch.ones(1, 16, 32, 32)
+    y = a(x)[..., 8:-8, 8:-8]
+    assert 0.05 < y.std().item() < 5
+
+
+def test_auto_choice_and_validation() -> None:
+    cpu = torch.device("cpu")
+    assert choose_path(cpu, 64, 64, 9, 512, 512) == "fft"
+    assert choose_path(cpu, 3, 64, 5, 512, 512) == "dense"
+    assert choose_path(torch.device("cuda"), 64, 64, 9, 512, 512) == "dense"
+    with pytest.raises(ValueError):
+        SREConv2d(3, 4, 4)
+    with pytest.raises(ValueError):
+        SREConv2d(3, 4, 3, path="winograd")
