@@ -14,6 +14,7 @@ from equiseg_wsi.errors import EquisegError
 
 # name -> "module:attribute"; commands are imported only when used, so `equiseg --help` stays fast.
 COMMANDS: dict[str, str] = {
+    "dearray": "equiseg_cli.dearray:dearray",
     "info": "equiseg_cli.info:info",
     "preprocess": "equiseg_cli.preprocess:preprocess",
     "run": "equiseg_cli.run:run",

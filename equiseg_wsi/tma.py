@@ -567,8 +567,8 @@ def dearray(
         assigned.setdefault((row, col), []).append(c)
 
     n_rows, n_cols = fit.rows.pos.size, fit.cols.pos.size
-    rl = expand_labels(row_labels, n_rows, default="letters")
-    cl = expand_labels(col_labels, n_cols, default="numbers")
+    rl = _labels(row_labels, n_rows, "letters", "row")
+    cl = _labels(col_labels, n_cols, "numbers", "column")
     s0, mpp = tissue.px_level0, tissue.mpp
     radius = diameter / 2
     cores: list[TmaCore] = []
@@ -604,6 +604,14 @@ def dearray(
         diameter_um=diameter * mpp, cores=cores, spacing_xy_um=(su, sv), row_labels=rl, col_labels=cl,
         row_first=row_first, mask_shape=tuple(tissue.mask.shape), mask_mpp=mpp, px_level0=s0,
     )
+
+
+def _labels(spec: str | Sequence[str] | None, n: int, default: str, what: str) -> list[str]:
+    try:
+        return expand_labels(spec, n, default=default)
+    except InputError as exc:
+        text = str(exc) + (f" {what}s" if str(exc)[-1:].isdigit() else "")
+        raise InputError(f"{what} labels: {text}") from exc
 
 
 def dearray_slide(
@@ -819,7 +827,7 @@ def export_dearray(
     out_dir: str | os.PathLike[str],
     *,
     case_ids: Mapping[str, str] | None = None,
-    thumbnail_px: int = 2000,
+    thumbnail_px: int = 1600,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
     """Write ``<slide>.qptma``, ``<slide>_cores.geojson``, ``<slide>_cores.csv`` and ``<slide>_grid.png``.
@@ -827,6 +835,8 @@ def export_dearray(
     The overview is read from the slide with its long side at most `thumbnail_px` (never finer than level 0).
     Returns the paths by kind (qptma, geojson, csv, png).
     """
+    from PIL import Image
+
     from equiseg_wsi.biomarkers import write_csv
     from equiseg_wsi.export.geojson import write_geojson
     from equiseg_wsi.export.overlay import save_png
@@ -848,5 +858,7 @@ def export_dearray(
         progress("overview")
     thumb_mpp = max(slide.mpp, max(slide.width, slide.height) * slide.mpp / max(thumbnail_px, 16))
     rgb = slide.read_full(thumb_mpp)
-    save_png(paths["png"], render_grid(grid, rgb, thumb_mpp / slide.mpp))
+    picture = render_grid(grid, rgb, thumb_mpp / slide.mpp)
+    # 256 colours (no dithering) keep the PNG ~3x smaller and are plenty for an overview.
+    save_png(paths["png"], picture.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
     return paths
