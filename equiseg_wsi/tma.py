@@ -221,16 +221,31 @@ def _split_fused(p: _Pieces, core_area: float, diameter: float) -> _Pieces:
     return p
 
 
-def _core_area(area: np.ndarray) -> float:
-    """Typical core area (px): the size class (within x1.5) with the most members, big members weighing more."""
-    a = area[area >= max(4.0, 0.01 * float(area.max(initial=0)))]
-    if a.size == 0:
+def _core_area(p: _Pieces) -> float:
+    """Typical core area (px), robust to touching cores, fragments and debris.
+
+    Pieces are compared by their inscribed diameter (twice the largest distance to the background), which a
+    pair of touching cores shares with a single core: the size class (within x1.3) with the most members, big
+    members weighing more, gives the core size; its round members (area of about their inscribed circle) give
+    the area. Pieces below 1% of the largest are ignored.
+    """
+    if p.area.size == 0:
         return 0.0
-    la = np.log(a)
-    similar = np.abs(la[:, None] - la[None, :]) < math.log(1.5)
-    score = similar.sum(axis=1) * np.sqrt(a)
-    best = int(np.argmax(score))
-    return float(np.median(a[similar[best]]))
+    use = np.flatnonzero(p.area >= max(4.0, 0.01 * float(p.area.max())))
+    d = np.empty(use.size)
+    for k, i in enumerate(use):  # per piece: crops are far smaller than the slide's mask
+        r0, c0, r1, c1 = p.box[i]
+        crop = np.pad(p.labels[r0:r1, c0:c1] == i + 1, 1)
+        d[k] = 2 * float(ndimage.distance_transform_edt(crop).max())
+    a = p.area[use]
+    ld = np.log(np.maximum(d, 1.0))
+    similar = np.abs(ld[:, None] - ld[None, :]) < math.log(1.3)
+    best = int(np.argmax(similar.sum(axis=1) * d))
+    members = similar[best]
+    round_ = members & (a <= 1.3 * math.pi / 4 * d**2)
+    if round_.any():
+        return float(np.median(a[round_]))
+    return float(math.pi / 4 * np.median(d[members]) ** 2)
 
 
 def _boundary_points(labels: np.ndarray, box: np.ndarray, label: int) -> np.ndarray:
@@ -513,7 +528,7 @@ def _analyse(tissue: TissueMap, core_diameter_um: float | None) -> tuple[_Pieces
         diameter = float(core_diameter_um) / tissue.mpp
         core_area = math.pi / 4 * diameter**2
     else:
-        core_area = _core_area(p.area)
+        core_area = _core_area(p)
         diameter = 2 * math.sqrt(core_area / math.pi)
     p = _split_fused(p, core_area, diameter)
     return p, _candidates(p, core_area, diameter), core_area, diameter

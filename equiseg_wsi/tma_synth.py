@@ -74,11 +74,11 @@ class SynthTma:
         raise KeyError(name)
 
     def write_truth_csv(self, path: str | os.PathLike[str]) -> Path:
-        """Write the truth as CSV: name,row,column,present,centre_x,centre_y,diameter_um,fragments."""
-        lines = ["name,row,column,present,centre_x,centre_y,diameter_um,fragments"]
+        """Write the truth as CSV (row and column 1-based, like the cores CSV of `equiseg dearray`)."""
+        lines = ["name,row,column,present,centre_x_px,centre_y_px,diameter_um,fragments"]
         for c in self.cores:
             lines.append(
-                f"{c.name},{c.row},{c.col},{str(c.present).lower()},{c.centre_level0[0]:.2f},"
+                f"{c.name},{c.row + 1},{c.col + 1},{str(c.present).lower()},{c.centre_level0[0]:.2f},"
                 f"{c.centre_level0[1]:.2f},{c.diameter_um:.2f},{c.fragments if c.present else 0}"
             )
         return atomic_write_text(path, "\n".join(lines) + "\n")
