@@ -25,7 +25,7 @@ from equiseg_wsi.segment import SegmentOptions
 @click.option("--n-samples", type=click.IntRange(min=10), default=2000, show_default=True,
               help="Tissue positions (feature cells) sampled per region to fit KMeans.")
 @click.option("--seed", type=int, default=42, show_default=True,
-              help="Seed of sampling and KMeans (and of the random initialisation when no weights are given).")
+              help="Seed of the tissue-position sampling and of KMeans.")
 @click.option("--kmeans-model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Apply this saved cohort model (from `equiseg fit`) instead of fitting KMeans per region.")
 @feature_options
@@ -57,12 +57,12 @@ def run(
     a `path` or `processed` column. A plain image is one core; a whole slide is processed as its tissue
     pieces. Exit code 1 when any slide failed (the manifest says why), 0 otherwise.
     """
-    from equiseg_wsi.features import load_extractor
+    from equiseg_wsi.features import build_extractor
 
     started = time.perf_counter()
-    sources = collect_inputs(inputs, mpp=mpp)
-    extractor = load_extractor(weights, seed=seed, layer=layer, device=device, batch_size=batch_size)
-    identity = extractor.feature_identity(target_mpp)
+    sources = collect_inputs(inputs, mpp=mpp, exclude=out_dir)
+    extractor, identity = build_extractor(weights, layer=layer, device=device, batch_size=batch_size,
+                                          target_mpp=target_mpp)
     model = None
     if kmeans_model is not None:
         model = ClusterModel.load(kmeans_model)
@@ -70,7 +70,7 @@ def run(
     options = RunOptions(
         segment=SegmentOptions(
             n_clusters=model.k if model is not None else n_clusters, n_samples=n_samples, seed=seed,
-            target_mpp=target_mpp, tile_size=tile_size, halo=halo if halo is not None else extractor.default_halo,
+            target_mpp=target_mpp, tile_size=tile_size, halo=halo if halo is not None else extractor.recommended_halo,
             batch_size=batch_size, min_segment_um2=min_area,
         ),
         backend=backend, mpp=mpp, tissue_mpp=tissue_mpp, tissue_min_area_um2=min_tissue_area,

@@ -35,7 +35,7 @@ from .models.weights import (
 )
 from .progress import ProgressCallback, no_progress
 
-__all__ = ["DEFAULT_HALO", "FeatureExtractor", "resolve_device"]
+__all__ = ["DEFAULT_HALO", "FeatureExtractor", "build_extractor", "resolve_device"]
 
 DEFAULT_HALO = 96
 
@@ -237,6 +237,31 @@ class FeatureExtractor:
                 out[y // s : (y + tile) // s, x // s : (x + tile) // s] = f
             report(min(i + self.batch_size, len(starts)), len(starts), "tiles")
         return out[: h // s, : w // s]
+
+
+DEFAULT_MODEL_SEED = 0
+"""Seed of the default model while no trained weights ship: SRE-ResNet-18, random init, seed 0."""
+
+
+def build_extractor(
+    weights: str | os.PathLike[str] | None,
+    *,
+    layer: str = DEFAULT_LAYER,
+    device: str = "auto",
+    batch_size: int = 8,
+    target_mpp: float,
+) -> tuple[FeatureExtractor, dict[str, Any]]:
+    """The extractor every command uses, and the feature identity that cluster models are checked against.
+
+    `layer` may join several layers with '+'. The identity adds the resolution the model sees, because
+    features of the same model at another µm/px are not comparable.
+    """
+    layers = [name.strip() for name in layer.split("+") if name.strip()]
+    extractor = FeatureExtractor.from_weights(
+        weights, seed=DEFAULT_MODEL_SEED, layer=layers if len(layers) > 1 else layers[0],
+        device=device, batch_size=batch_size,
+    )
+    return extractor, {**extractor.identity(), "target_mpp": float(target_mpp)}
 
 
 def _round_up(v: int, m: int) -> int:

@@ -32,7 +32,7 @@ class Extractor(Protocol):
     """What segmentation needs of a feature extractor (see equiseg_wsi.features)."""
 
     stride: int
-    n_channels: int
+    channels: int
 
     def extract(self, tiles: np.ndarray, halo: int = 0) -> np.ndarray: ...
 
@@ -147,8 +147,10 @@ def segment_region(
     if not tissue.any():
         raise NoTissueError(f"region {area.name}: no tissue at {options.target_mpp} µm/px")
     rect = (x0, y0, gw * cell, gh * cell)
-    grid = TileGrid(rect, options.target_mpp, slide.mpp, options.tile_size, options.halo, align=stride)
-    cells_per_tile = options.tile_size // stride
+    # A region smaller than a tile is read as one tile of its own size: less padding, same features.
+    tile_size = min(options.tile_size, max(gh, gw) * stride)
+    grid = TileGrid(rect, options.target_mpp, slide.mpp, tile_size, options.halo, align=stride)
+    cells_per_tile = tile_size // stride
     rgb = np.full((gh, gw, 3), 255, dtype=np.uint8)
     wanted = [
         t for t in grid
@@ -157,7 +159,7 @@ def segment_region(
     ]
     grid_tiles = _ListGrid(wanted)
     with tempfile.TemporaryDirectory(prefix="equiseg-", dir=scratch_dir) as tmp:
-        features = _feature_store(Path(tmp), (gh, gw, extractor.n_channels))
+        features = _feature_store(Path(tmp), (gh, gw, extractor.channels))
         done = 0
         for tiles, pixels in _batches(grid_tiles, slide, options.target_mpp, options.batch_size):
             maps = extractor.extract(pixels, halo=options.halo)
@@ -166,7 +168,7 @@ def segment_region(
                 r0, c0 = tile.row * cells_per_tile, tile.col * cells_per_tile
                 r1, c1 = min(r0 + cells_per_tile, gh), min(c0 + cells_per_tile, gw)
                 features[r0:r1, c0:c1] = fmap[: r1 - r0, : c1 - c0]
-                interior = px[halo : halo + options.tile_size, halo : halo + options.tile_size]
+                interior = px[halo : halo + tile_size, halo : halo + tile_size]
                 means = interior.reshape(cells_per_tile, stride, cells_per_tile, stride, 3).mean(axis=(1, 3))
                 rgb[r0:r1, c0:c1] = np.round(means[: r1 - r0, : c1 - c0]).astype(np.uint8)
             done += len(tiles)
