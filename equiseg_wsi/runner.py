@@ -48,7 +48,7 @@ class RunOptions:
     mpp: float | None = None  # µm/px for files without resolution metadata
     tissue_mpp: float = 8.0
     tissue_min_area_um2: float = 20000.0
-    simplify_cells: float = 1.0  # polygon simplification tolerance, in feature cells
+    simplify_cells: float = 0.0  # polygon simplification tolerance, in feature cells (0: exact cell edges)
     apply_bounds_offset: bool = True  # subtract OpenSlide bounds-x/-y so GeoJSON lands where QuPath shows it
     overwrite: bool = False
 

@@ -1,0 +1,151 @@
+"""`equiseg run` end to end on the real CC0 slide, a core image and a synthetic slide with known shapes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from click.testing import CliRunner
+from PIL import Image
+from shapely.geometry import shape
+
+from equiseg_cli.main import cli
+from equiseg_wsi.export.geojson import qupath_problems, read_geojson
+from equiseg_wsi.slide_writer import write_aperio_pyramid
+
+REPO = Path(__file__).resolve().parents[1]
+# Coarser than the default (2.5 µm/px) to keep the suite fast; the code path is the same.
+FAST = ["--target-mpp", "4", "--tile-size", "256", "--device", "cpu", "--quiet"]
+
+
+def _run(args: list[str]) -> None:
+    result = CliRunner().invoke(cli, ["run", *args])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    shutil.copy(REPO / "sample_data" / "CMU-1-Small-Region.svs", folder)
+    cores = folder / "cores"
+    cores.mkdir()
+    shutil.copy(REPO / "sample_data" / "cores" / "slide001_core001.jpg", cores)
+    (cores / "manifest.csv").write_text("path,slide,core,mpp\nslide001_core001.jpg,slide001,core001,0.499\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_twice(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    outs = []
+    for name in ("first", "second"):
+        out = tmp_path_factory.mktemp(name)
+        _run([str(inputs), "-o", str(out), *FAST])
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+def test_outputs_exist(run_twice: tuple[Path, Path]) -> None:
+    out = run_twice[0]
+    slide = out / "CMU-1-Small-Region"
+    for name in ("CMU-1-Small-Region.geojson", "biomarkers.csv", "region-001_overlay.png",
+                 "region-001_labels.png", "slide.json"):
+        assert (slide / name).is_file(), name
+    assert (out / "slide001_core001" / "core001_overlay.png").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"] == {"slides": 2, "done": 2, "failed": 0, "regions": 2}
+    assert manifest["model"]["extractor"]["source"] == "random-init seed=0"
+    rows = list(csv.DictReader(open(out / "biomarkers.csv")))
+    assert [(r["slide"], r["region"]) for r in rows] == [("CMU-1-Small-Region", "region-001"), ("slide001", "core001")]
+    for row in rows:
+        fractions = [float(row[f"c{i}_fraction"]) for i in (1, 2, 3)]
+        assert sum(fractions) == pytest.approx(1.0)
+    overlay = Image.open(slide / "region-001_overlay.png")
+    assert overlay.mode == "RGB" and overlay.width > 100
+
+
+def test_geojson_follows_qupath_rules(run_twice: tuple[Path, Path]) -> None:
+    for path in sorted(run_twice[0].glob("*/*.geojson")):
+        collection = json.loads(path.read_text())
+        assert qupath_problems(collection) == [], path
+        assert collection["type"] == "FeatureCollection"
+        for feature in collection["features"]:
+            assert "type" not in feature["properties"]
+            assert feature["properties"]["objectType"] == "annotation"
+
+
+def test_two_runs_are_byte_identical(run_twice: tuple[Path, Path]) -> None:
+    first, second = run_twice
+    names = sorted(p.relative_to(first) for p in first.rglob("*") if p.suffix in (".geojson", ".csv", ".png"))
+    assert len(names) >= 8
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_polygons_tile_the_tissue_of_each_region(run_twice: tuple[Path, Path]) -> None:
+    """Clusters do not overlap, together cover the region's tissue, and match the label-map areas."""
+    out = run_twice[0] / "CMU-1-Small-Region"
+    features = read_geojson(out / "CMU-1-Small-Region.geojson")["features"]
+    outline = next(shape(f["geometry"]) for f in features if "classification" not in f["properties"])
+    clusters = {f["properties"]["classification"]["name"]: shape(f["geometry"])
+                for f in features if "classification" in f["properties"]}
+    assert sorted(clusters) == ["Cluster 1", "Cluster 2", "Cluster 3"]
+    parts = list(clusters.values())
+    overlap = sum(parts[i].intersection(parts[j]).area for i in range(3) for j in range(i + 1, 3))
+    assert overlap < 0.001 * outline.area
+    union = shapely.union_all(parts)
+    assert union.symmetric_difference(outline).area < 0.01 * outline.area
+    # areas against the label map (PNG values are the cluster ids) and the biomarker table
+    labels = np.asarray(Image.open(out / "region-001_labels.png"))
+    row = next(csv.DictReader(open(out / "biomarkers.csv")))
+    cell_level0 = float(row["cell_size_um"]) / 0.499
+    for i in (1, 2, 3):
+        pixels = int((labels == i).sum())
+        polygon_cells = clusters[f"Cluster {i}"].area / cell_level0**2
+        assert polygon_cells == pytest.approx(pixels, rel=0.01)
+        assert float(row[f"c{i}_area_um2"]) == pytest.approx(pixels * float(row["cell_size_um"]) ** 2)
+
+
+def test_resume_skips_finished_slides(inputs: Path, run_twice: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(run_twice[0], out)
+    geojson = out / "CMU-1-Small-Region" / "CMU-1-Small-Region.geojson"
+    stamp = geojson.stat().st_mtime_ns
+    result = CliRunner().invoke(cli, ["run", str(inputs), "-o", str(out), *FAST[:-1]])
+    assert result.exit_code == 0, result.output
+    assert "0 slide(s) done, 2 skipped" in result.output
+    assert geojson.stat().st_mtime_ns == stamp
+
+
+def _synthetic_slide(path: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Pink stroma-like tissue with a dark purple and a pale blue block at known level-0 rectangles."""
+    rng = np.random.default_rng(0)
+    h, w = 1600, 1600
+    noise = rng.normal(0, 6, (h, w, 1))
+    img = np.clip(np.array([225, 150, 190]) + noise, 0, 255)
+    blocks = {"dark": (200, 240, 560, 480), "pale": (880, 880, 520, 560)}  # x, y, width, height
+    colors = {"dark": (80, 40, 120), "pale": (150, 190, 235)}
+    for name, (x, y, bw, bh) in blocks.items():
+        img[y : y + bh, x : x + bw] = np.clip(np.array(colors[name]) + noise[y : y + bh, x : x + bw], 0, 255)
+    write_aperio_pyramid(path, img.astype(np.uint8), mpp=0.5, n_levels=3)
+    return blocks
+
+
+def test_synthetic_shapes_are_found_where_they_are(tmp_path: Path) -> None:
+    """Read through the 4x pyramid level (2 µm/px of a 0.5 µm/px slide); segments within one feature cell."""
+    blocks = _synthetic_slide(tmp_path / "shapes.svs")
+    out = tmp_path / "out"
+    _run([str(tmp_path / "shapes.svs"), "-o", str(out), "--target-mpp", "2", "--tile-size", "256",
+          "--min-area", "0", "--device", "cpu", "--quiet"])
+    features = read_geojson(out / "shapes" / "shapes.geojson")["features"]
+    clusters = [shape(f["geometry"]) for f in features if "classification" in f["properties"]]
+    cell = 2.0 * 8 / 0.5  # level-0 px per feature cell
+    for name, (x, y, bw, bh) in blocks.items():
+        truth = shapely.box(x, y, x + bw, y + bh)
+        best = max(clusters, key=lambda g: g.intersection(truth).area)
+        found = best.intersection(truth.buffer(3 * cell))
+        assert found.hausdorff_distance(truth) <= cell + 1e-6, name
