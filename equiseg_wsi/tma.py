@@ -5,17 +5,20 @@ dearraying takes well under a second once the mask exists; full resolution adds 
 
 The steps, each robust to one way real TMAs go wrong:
 
-1. **Pieces**: connected tissue components (4-connected, like `TissueMap.regions`).
-2. **Core size**: the most populated size class of pieces, weighted towards larger pieces (cores outnumber
-   big debris, and are larger than most debris), unless the caller gives `core_diameter_um`.
+1. **Pieces**: connected tissue components (4-connected, like `TissueMap.regions`); a piece too big for one
+   core is split at its necks (erosion, then nearest seed), because punched cores often touch.
+2. **Core size**: the most populated class of inscribed diameters (which touching cores share with single
+   ones), weighted towards larger pieces (cores outnumber big debris and are larger than small debris),
+   unless the caller gives `core_diameter_um`.
 3. **Fragments**: pieces closer than a quarter diameter are joined, closest first, as long as the union still
    fits in one core (area and extent); so a broken core becomes one candidate and two neighbours never do.
    Pieces below 2% of a core's area are debris and never take part.
 4. **Grid**: rotation from the nearest-neighbour vectors of well-formed (round, core-sized) candidates
    (angles folded modulo 90°), spacing per axis from their projections, then rows and columns by 1-D gap
    clustering of the de-rotated centres, where a gap of k spacings means k - 1 empty rows; the rotation is
-   refined from the slope of the fitted rows and columns and everything is redone (3 rounds). Candidates that
-   fit no row or column (off-grid blobs) are dropped.
+   refined from the slope of the fitted rows and columns and everything is redone (4 rounds). Candidates that
+   fit no row or column (off-grid blobs) are dropped. Any rotation below 45° is resolved (tested to ±42°);
+   at 45° rows and columns are indistinguishable.
 5. **Assignment**: every candidate of at least a fifth of a core's area goes to the nearest grid node within
    half a spacing (the grid grows by a row/column if a sizeable candidate lies one spacing beyond it); a node
    without a candidate is a *missing* core whose centre is the fitted node.
@@ -29,7 +32,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,7 +118,12 @@ class TmaCore:
 
 @dataclass
 class TmaGrid:
-    """A dearrayed TMA: grid size, geometry and one `TmaCore` per position in row-major order."""
+    """A dearrayed TMA: grid size, geometry and one `TmaCore` per position in row-major order.
+
+    `rotation_deg`: angle of the rows to the image x axis (positive: rows descend to the right). `spacing_um`:
+    mean centre-to-centre distance; `spacing_xy_um` = (along a row, along a column). `diameter_um`: the punch
+    diameter (given or estimated). `mask_*` / `px_level0` record the tissue map the grid was fitted on.
+    """
 
     n_rows: int
     n_cols: int
@@ -173,16 +181,17 @@ class _Pieces:
 
 
 def _pieces(labels: np.ndarray, n: int) -> _Pieces:
-    """Area, centroid (px, pixel centres at +0.5), box and one member pixel of labels 1..n."""
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1)[1 : n + 1].astype(np.float64)
-    safe = np.maximum(area, 1)
-    rr, cc = np.indices(labels.shape, dtype=np.float64)
-    cy = np.bincount(flat, weights=rr.ravel(), minlength=n + 1)[1 : n + 1] / safe + 0.5
-    cx = np.bincount(flat, weights=cc.ravel(), minlength=n + 1)[1 : n + 1] / safe + 0.5
-    slices = ndimage.find_objects(labels, max_label=n)
-    box = np.array([(s[0].start, s[1].start, s[0].stop, s[1].stop) if s else (0, 0, 0, 0) for s in slices],
-                   dtype=np.int64).reshape(-1, 4)
+    """Area, centroid (px, pixel centres at +0.5), box of labels 1..n; per-piece crops keep memory small."""
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1 : n + 1].astype(np.float64)
+    cy, cx = np.zeros(n), np.zeros(n)
+    box = np.zeros((n, 4), dtype=np.int64)
+    for i, sl in enumerate(ndimage.find_objects(labels, max_label=n)):
+        if sl is None:
+            continue
+        rs, cs = np.nonzero(labels[sl] == i + 1)
+        box[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+        cy[i] = sl[0].start + rs.mean() + 0.5
+        cx[i] = sl[1].start + cs.mean() + 0.5
     return _Pieces(labels, area, cy, cx, box)
 
 
@@ -843,7 +852,6 @@ def export_dearray(
     *,
     case_ids: Mapping[str, str] | None = None,
     thumbnail_px: int = 1600,
-    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
     """Write ``<slide>.qptma``, ``<slide>_cores.geojson``, ``<slide>_cores.csv`` and ``<slide>_grid.png``.
 
@@ -869,8 +877,6 @@ def export_dearray(
     write_qptma(paths["qptma"], grid.qptma_cores(case_ids), grid.n_cols, grid.n_rows)
     write_geojson(paths["geojson"], core_features(grid, Path(slide.path).name, case_ids))
     write_csv(paths["csv"], core_rows(grid, case_ids))
-    if progress:
-        progress("overview")
     thumb_mpp = max(slide.mpp, max(slide.width, slide.height) * slide.mpp / max(thumbnail_px, 16))
     rgb = slide.read_full(thumb_mpp)
     picture = render_grid(grid, rgb, thumb_mpp / slide.mpp)
