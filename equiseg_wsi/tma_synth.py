@@ -333,20 +333,19 @@ def _paste_debris(
     if n <= 0:
         return []
     h, w = occupied.shape
-    mpp_d = d_px  # size scale in px
     away = ndimage.distance_transform_edt(~occupied) if occupied.any() else np.full((h, w), np.inf)
     missing = [c.centre_level0 for c in truth if not c.present]
     placed: list[tuple[float, float]] = []
     for i in range(n):
-        size = rng.uniform(0.08, 0.25) * mpp_d
+        size = rng.uniform(0.08, 0.25) * d_px
         for _ in range(200):
             if missing and i % 3 == 0:
                 mx, my = missing[int(rng.integers(len(missing)))]
-                cx, cy = mx + rng.uniform(-0.25, 0.25) * mpp_d, my + rng.uniform(-0.25, 0.25) * mpp_d
+                cx, cy = mx + rng.uniform(-0.25, 0.25) * d_px, my + rng.uniform(-0.25, 0.25) * d_px
             else:
                 cx, cy = rng.uniform(0, w), rng.uniform(0, h)
             ix, iy = int(cx), int(cy)
-            if 0 <= ix < w and 0 <= iy < h and away[iy, ix] > size + 0.08 * mpp_d:
+            if 0 <= ix < w and 0 <= iy < h and away[iy, ix] > size + 0.08 * d_px:
                 break
         else:
             continue
