@@ -14,6 +14,7 @@ from equiseg_wsi.cluster import ClusterModel
 from equiseg_wsi.inputs import collect_inputs
 from equiseg_wsi.runner import RunOptions, run_slides, write_run_outputs
 from equiseg_wsi.segment import SegmentOptions
+from equiseg_wsi.tma import read_case_ids
 
 
 @click.command()
@@ -45,6 +46,13 @@ from equiseg_wsi.segment import SegmentOptions
               "never opening gaps between neighbours.")
 @click.option("--bounds-offset/--no-bounds-offset", default=True, show_default=True,
               help="Subtract OpenSlide's bounds-x/-y from exported coordinates, as QuPath crops MRXS slides there.")
+@click.option("--tma/--no-tma", default=None,
+              help="Treat whole slides as TMAs (dearray the core grid, one region per core named like QuPath, "
+              "A-1) or never. Default: detect TMA slides automatically.")
+@click.option("--core-diameter", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="TMA core diameter in µm. Default: estimated from the slide.")
+@click.option("--case-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV mapping TMA core names (A-1, ...) to case ids; they land in biomarkers.csv and the .qptma.")
 @click.option("--overwrite/--resume", default=False, show_default=True,
               help="--resume skips slides whose outputs are complete from an earlier run; --overwrite redoes them.")
 @quiet_option
@@ -52,7 +60,8 @@ def run(
     inputs: tuple[Path, ...], out_dir: Path, n_clusters: int, n_samples: int, seed: int,
     kmeans_model: Path | None, weights: Path | None, target_mpp: float, layer: str, device: str,
     batch_size: int, halo: int | None, mpp: float | None, backend: str, tile_size: int, min_area: float,
-    tissue_mpp: float, min_tissue_area: float, simplify: float, bounds_offset: bool, overwrite: bool, quiet: bool,
+    tissue_mpp: float, min_tissue_area: float, simplify: float, bounds_offset: bool, tma: bool | None,
+    core_diameter: float | None, case_ids: Path | None, overwrite: bool, quiet: bool,
 ) -> None:
     """Segment every slide or core image in INPUTS and write QuPath GeoJSON, biomarker CSVs and overlays.
 
@@ -78,7 +87,8 @@ def run(
             batch_size=batch_size, min_segment_um2=min_area,
         ),
         backend=backend, mpp=mpp, tissue_mpp=tissue_mpp, tissue_min_area_um2=min_tissue_area,
-        simplify_cells=simplify, apply_bounds_offset=bounds_offset, overwrite=overwrite,
+        simplify_cells=simplify, apply_bounds_offset=bounds_offset, overwrite=overwrite, tma=tma,
+        core_diameter_um=core_diameter, case_ids=read_case_ids(case_ids) if case_ids else {},
     )
     show = not quiet and sys.stderr.isatty()
     slides_bar = tqdm(total=len(sources), desc="slides", unit="slide", disable=not show, position=0)

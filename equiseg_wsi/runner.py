@@ -32,6 +32,7 @@ from equiseg_wsi.progress import ProgressCallback, no_progress
 from equiseg_wsi.segment import Extractor, RegionSegmentation, SegmentOptions, region_areas, segment_region
 from equiseg_wsi.slide import Slide, open_slide
 from equiseg_wsi.tissue import detect_tissue
+from equiseg_wsi.tma import TmaGrid, core_areas, dearray, export_dearray, is_tma
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class RunOptions:
     simplify_cells: float = 0.0  # polygon simplification tolerance, in feature cells (0: exact cell edges)
     apply_bounds_offset: bool = True  # subtract OpenSlide bounds-x/-y so GeoJSON lands where QuPath shows it
     overwrite: bool = False
+    tma: bool | None = None  # None: dearray whole slides that look like a TMA; True/False: always/never
+    core_diameter_um: float | None = None  # TMA core diameter; None: estimated
+    case_ids: dict[str, str] = field(default_factory=dict)  # TMA core name -> case id
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,17 +146,23 @@ def _segment_slide(
 ) -> None:
     t0 = time.perf_counter()
     tissue = detect_tissue(slide, options.tissue_mpp, min_area_um2=options.tissue_min_area_um2)
-    areas = region_areas(tissue, source.is_core, source.core or source.name)
+    folder = _slide_dir(out_dir, source)
+    outputs: list[Path] = []
+    grid: TmaGrid | None = None
+    if not source.is_core and options.tma is not False and (options.tma or is_tma(tissue)):
+        grid = dearray(tissue, core_diameter_um=options.core_diameter_um)
+        areas = core_areas(grid, tissue)
+        outputs.extend(export_dearray(grid, slide, folder, case_ids=options.case_ids).values())
+    else:
+        areas = region_areas(tissue, source.is_core, source.core or source.name)
     result.seconds["tissue"] = round(time.perf_counter() - t0, 3)
     if not areas:
         raise NoTissueError(f"{source.path}: no tissue found (tissue fraction {tissue.tissue_fraction:.1%})")
-    folder = _slide_dir(out_dir, source)
     folder.mkdir(parents=True, exist_ok=True)
     offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
     seg_opts = options.segment
     k = model.k if model is not None else seg_opts.n_clusters
     features: list[dict[str, Any]] = []
-    outputs: list[Path] = []
     t_features = 0.0
     for area in areas:
         t1 = time.perf_counter()
@@ -165,6 +175,10 @@ def _segment_slide(
         t_features += time.perf_counter() - t1
         identity = {"slide": source.slide, "region": area.name, "source_path": str(source.path),
                     "case_id": source.case_id}
+        if grid is not None:  # 1-based like the cores CSV
+            core = grid.core(area.name)
+            identity.update(grid_row=core.row + 1, grid_column=core.col + 1,
+                            case_id=options.case_ids.get(area.name, source.case_id))
         result.regions.append(compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um, identity))
         result.tissue_area_mm2 += float((seg.labels > 0).sum()) * seg.cell_um**2 / 1e6
         features.extend(_region_features(source, seg, k, offset, options.simplify_cells))

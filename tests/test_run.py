@@ -149,3 +149,21 @@ def test_synthetic_shapes_are_found_where_they_are(tmp_path: Path) -> None:
         best = max(clusters, key=lambda g: g.intersection(truth).area)
         found = best.intersection(truth.buffer(3 * cell))
         assert found.hausdorff_distance(truth) <= cell + 1e-6, name
+
+
+def test_tma_slide_is_processed_per_core(tmp_path: Path) -> None:
+    """The sample TMA is detected, dearrayed, and each present core becomes a region named like QuPath."""
+    ids = tmp_path / "ids.csv"
+    ids.write_text("core,case_id\nA-1,patient-7\n")
+    out = tmp_path / "out"
+    _run([str(REPO / "sample_data" / "tma" / "tma_3x4.svs"), "-o", str(out), "--case-ids", str(ids),
+          "--target-mpp", "5", "--tile-size", "128", "--device", "cpu", "--quiet"])
+    truth = list(csv.DictReader(open(REPO / "sample_data" / "tma" / "tma_3x4_truth.csv")))
+    present = sorted(r["name"] for r in truth if r["present"].lower() == "true")
+    rows = list(csv.DictReader(open(out / "biomarkers.csv")))
+    assert sorted(r["region"] for r in rows) == present
+    a1 = next(r for r in rows if r["region"] == "A-1")
+    assert (a1["grid_row"], a1["grid_column"], a1["case_id"]) == ("1", "1", "patient-7")
+    qptma = (out / "tma_3x4" / "tma_3x4.qptma").read_text().splitlines()
+    assert qptma[0] == "TMA grid width: 4" and qptma[1] == "TMA grid height: 3"
+    assert any(line.startswith("A-1\t") and line.endswith("\tpatient-7") for line in qptma)
