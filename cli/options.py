@@ -57,8 +57,9 @@ def feature_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Where the CNN runs; auto picks CUDA, then MPS, then CPU.",
         ),
         click.option(
-            "--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-            help="Tiles per forward pass (raise it on a GPU, e.g. 32).",
+            "--batch-size", type=click.IntRange(min=1), default=None,
+            help="Tiles per forward pass. Default: 1 on CPU (batching does not speed it up, and memory stays that "
+            "of one tile), 16 on a GPU.",
         ),
         click.option(
             "--halo", type=click.IntRange(min=0), default=None,

@@ -59,7 +59,7 @@ from equiseg_wsi.tma import read_case_ids
 def run(
     inputs: tuple[Path, ...], out_dir: Path, n_clusters: int, n_samples: int, seed: int,
     kmeans_model: Path | None, weights: Path | None, target_mpp: float, layer: str, device: str,
-    batch_size: int, halo: int | None, mpp: float | None, backend: str, tile_size: int, min_area: float,
+    batch_size: int | None, halo: int | None, mpp: float | None, backend: str, tile_size: int, min_area: float,
     tissue_mpp: float, min_tissue_area: float, simplify: float, bounds_offset: bool, tma: bool | None,
     core_diameter: float | None, case_ids: Path | None, overwrite: bool, quiet: bool,
 ) -> None:
@@ -84,7 +84,7 @@ def run(
         segment=SegmentOptions(
             n_clusters=model.k if model is not None else n_clusters, n_samples=n_samples, seed=seed,
             target_mpp=target_mpp, tile_size=tile_size, halo=halo if halo is not None else extractor.recommended_halo,
-            batch_size=batch_size, min_segment_um2=min_area,
+            batch_size=extractor.batch_size, min_segment_um2=min_area,
         ),
         backend=backend, mpp=mpp, tissue_mpp=tissue_mpp, tissue_min_area_um2=min_tissue_area,
         simplify_cells=simplify, apply_bounds_offset=bounds_offset, overwrite=overwrite, tma=tma,

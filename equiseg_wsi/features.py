@@ -248,7 +248,7 @@ def build_extractor(
     *,
     layer: str = DEFAULT_LAYER,
     device: str = "auto",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     target_mpp: float,
 ) -> tuple[FeatureExtractor, dict[str, Any]]:
     """The extractor every command uses, and the feature identity that cluster models are checked against.
@@ -257,6 +257,8 @@ def build_extractor(
     features of the same model at another µm/px are not comparable.
     """
     layers = [name.strip() for name in layer.split("+") if name.strip()]
+    if batch_size is None:  # one tile at a time on CPU: no slower, and peak memory is one tile's
+        batch_size = 1 if resolve_device(device).type == "cpu" else 16
     extractor = FeatureExtractor.from_weights(
         weights, seed=DEFAULT_MODEL_SEED, layer=layers if len(layers) > 1 else layers[0],
         device=device, batch_size=batch_size,
