@@ -229,6 +229,22 @@ class _ImageReader(_Reader):
         return self._decoded(level)[y : y + h, x : x + w]
 
 
+class _ArrayReader(_Reader):
+    """An RGB array already in memory, served like a one-level slide."""
+
+    name = "array"
+
+    def __init__(self, rgb: np.ndarray, mpp: float) -> None:
+        self._rgb = _to_rgb(np.asarray(rgb))
+        height, width = self._rgb.shape[:2]
+        self.levels = [Level(width, height, 1.0)]
+        self.mpp_xy = (float(mpp), float(mpp))
+        self.associated = []
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return self._rgb[y : y + h, x : x + w]
+
+
 def _tiff_resolution_mpp(page: Any) -> tuple[float | None, float | None]:
     """µm/px from TIFF resolution tags (centimetre or inch units)."""
     unit = page.tags.get("ResolutionUnit")
@@ -330,6 +346,17 @@ class Slide:
             raise SlideError(f"{self.path}: cannot open as a slide or image ({'; '.join(failures)})")
         if failures:
             log.info("%s: opened with %s after %s", self.path, reader.name, "; ".join(failures))
+        self._attach(reader, mpp)
+
+    @classmethod
+    def from_array(cls, rgb: np.ndarray, mpp: float, name: str = "array") -> Slide:
+        """An in-memory RGB image as a one-level slide (e.g. a rotated core in the robustness protocol)."""
+        slide = cls.__new__(cls)
+        slide.path = Path(name)
+        slide._attach(_ArrayReader(rgb, mpp), None)
+        return slide
+
+    def _attach(self, reader: _Reader, mpp: float | None) -> None:
         self._reader = reader
         self.backend = reader.name
         self.levels = reader.levels

@@ -13,7 +13,7 @@ from PIL import Image
 
 from equiseg_cli.main import cli
 from equiseg_wsi.errors import MppUnknownError, SlideError
-from equiseg_wsi.slide import open_slide
+from equiseg_wsi.slide import Slide, open_slide
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -176,3 +176,12 @@ def test_cli_version_and_help() -> None:
     assert runner.invoke(cli, ["--version"]).output.startswith("equiseg, version")
     help_text = runner.invoke(cli, ["info", "--help"]).output
     assert "µm/px" in help_text and "--backend" in help_text
+
+
+def test_array_slide_reads_like_a_file(sample_svs: Path, sample_rgb: np.ndarray) -> None:
+    crop = np.ascontiguousarray(sample_rgb[:800, :640])
+    memory = Slide.from_array(crop, mpp=0.499, name="crop")
+    assert (memory.width, memory.height, memory.mpp, memory.backend) == (640, 800, 0.499, "array")
+    with open_slide(sample_svs) as slide:
+        np.testing.assert_array_equal(memory.read_region(10.5, 20, 100, 120, 2.0),
+                                      slide.read_region(10.5, 20, 100, 120, 2.0))
