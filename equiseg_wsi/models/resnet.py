@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .sre_conv import SREConv2d
@@ -107,6 +108,46 @@ def _kaiming(conv: nn.Conv2d, generator: torch.Generator | None) -> None:
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2.0 / fan_out) ** 0.5)
 
 
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as ``y * scale + shift``."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _can_fuse(block: nn.Module) -> bool:
+    """Folding BN is exact only with running statistics, and is meant for inference (no autograd)."""
+    if block.training or torch.is_grad_enabled():
+        return False
+    return all(not m.training and m.running_var is not None
+               for m in block.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def _same_pool(a: nn.Module, b: nn.Module) -> bool:
+    return isinstance(a, nn.AvgPool2d) and isinstance(b, nn.AvgPool2d) and repr(a) == repr(b)
+
+
+def _conv_bn(conv: nn.Module, bn: nn.BatchNorm2d, x: Tensor, residual: Tensor | None = None,
+             relu: bool = False) -> Tensor:
+    """``relu(bn(conv(x)) + residual)`` with BN folded into the conv weights (inference only)."""
+    scale, shift = _bn_affine(bn)
+    if isinstance(conv, SREConv2d):
+        return conv.forward_fused(x, scale, shift, residual=residual, relu=relu)
+    if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros":
+        w = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
+        b = shift if conv.bias is None else conv.bias * scale + shift
+        y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+    else:
+        y = bn(conv(x))
+    if residual is not None:
+        y = y.add_(residual)
+    return y.relu_() if relu else y
+
+
 class BasicBlock(nn.Module):
     """Two K x K convs with BN/ReLU and a residual; downsampling is avg-pool first, never a strided conv."""
 
@@ -126,10 +167,25 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(nn.AvgPool2d(stride, stride), sc, nn.BatchNorm2d(planes))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _can_fuse(self):
+            return self._forward_fused(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
+
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        """Inference: BN folded into the convs, one shared avg-pool, fused residual + ReLU (same result)."""
+        conv1 = self.conv1[-1] if isinstance(self.conv1, nn.Sequential) else self.conv1
+        xp = self.conv1[0](x) if isinstance(self.conv1, nn.Sequential) else x
+        out = _conv_bn(conv1, self.bn1, xp, relu=True)
+        if self.downsample is None:
+            identity = x
+        else:
+            pool, sc, bn = self.downsample
+            same_pool = isinstance(self.conv1, nn.Sequential) and _same_pool(pool, self.conv1[0])
+            identity = _conv_bn(sc, bn, xp if same_pool else pool(x))
+        return _conv_bn(self.conv2, self.bn2, out, residual=identity, relu=True)
 
 
 class ResNetFeatures(nn.Module):
@@ -168,7 +224,10 @@ class ResNetFeatures(nn.Module):
                 raise ValueError(f"unknown layer {name!r}; choose from {valid}")
         last = max(valid.index(n) for n in layers)
         out: dict[str, Tensor] = {}
-        x = self.relu(self.bn1(self.conv1(x)))
+        if _can_fuse(self):
+            x = _conv_bn(self.conv1, self.bn1, x, relu=True)
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
         if "stem" in layers:
             out["stem"] = x
         for name in valid[1 : last + 1]:

@@ -10,10 +10,14 @@ at any time are used -- no cached kernel that can go stale):
 * ``"dense"``: build the dense kernel from the rings, then one ordinary convolution (C_in*C_out*K^2 MACs/px).
 * ``"ring"``: depthwise convolution of each input channel with the b fixed ring masks, then a 1x1 mixing
   convolution (C_in*b*K^2 + C_in*b*C_out MACs/px).
-* ``"fft"``: the same ring factorisation done in the frequency domain: FFT each input channel once, mix the
-  channels per ring with one matrix product per frequency block, weight each ring by the (real) spectrum of
-  its mask, inverse FFT.  Costs b*C_in*C_out MACs/px plus 2 FFTs per channel; exact up to float rounding
-  (about 1e-6 relative).
+* ``"fft"``: the same ring factorisation done in the frequency domain: rfft2 each input channel once
+  (scipy's pocketfft, sizes with factors 2, 3, 5, 7 only), scale each spectrum by the real spectra of the
+  b rings, mix with one GEMM of inner dimension C_in*b per cache-sized frequency block (run by oneDNN, one
+  chunk of frequencies per thread), inverse FFT.  Costs b*C_in*C_out MACs/px plus 2 FFTs per channel;
+  exact up to float rounding (about 1e-6 relative).
+
+:meth:`SREConv2d.forward_fused` additionally folds an eval-mode BatchNorm, a residual add and a ReLU into the
+convolution (used by the SRE-ResNet at inference).
 
 ``"auto"`` picks per device and shape with a rule measured on CPU (see :func:`choose_path`).
 """
@@ -67,14 +71,16 @@ def choose_path(
 ) -> str:
     """Pick the fastest exact forward path for this device and shape.
 
-    Rule from measurements on a 2-core AVX-512 CPU (benchmarks/bench_sre.py): oneDNN's dense direct
-    convolution is very efficient, so it wins for small maps and 3x3/5x5 kernels with few channels; the FFT
-    path wins once the per-pixel saving (K^2 / b) outweighs two FFTs per channel, i.e. for K >= 5 on maps of
-    at least 64 x 64 with >= 32 channels.  On GPUs cuDNN's dense convolution is used.
+    Rule from measurements on a 2-core AVX-512 CPU (benchmarks/bench_sre.py, batch 1 and 4): with the FFT
+    mixing running as one oneDNN GEMM of inner dimension C_in * b, the FFT path beats oneDNN's dense
+    convolution 1.4-3.5x for K >= 5 once maps are >= 32 x 32 with >= 64 channels (or >= 64 x 64 with
+    >= 32 channels); dense wins for the 3-channel stem, small maps and few channels.  On GPUs cuDNN's dense
+    convolution is used.
     """
     if device.type != "cpu" or groups != 1 or kernel_size < 5:
         return "dense"
-    if min(height, width) >= 64 and min(in_channels, out_channels) >= 32:
+    side, chans = min(height, width), min(in_channels, out_channels)
+    if (side >= 32 and chans >= 64) or (side >= 64 and chans >= 32):
         return "fft"
     return "dense"
 
@@ -211,27 +217,56 @@ class SREConv2d(nn.Module):
                            x.shape[-2], x.shape[-1], self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, self.weight, self.bias).contiguous()
+
+    def forward_fused(
+        self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None,
+        residual: Tensor | None = None, relu: bool = False,
+    ) -> Tensor:
+        """``relu(conv(x) * scale + shift + residual)`` with eval-mode BatchNorm folded into the conv.
+
+        The per-channel scale goes into the ring weights and the shift into the bias (the FFT path adds it
+        to the DC coefficient), and the crop, residual add and ReLU share one or two passes over the output:
+        on a 2-core CPU the separate BN / add / ReLU / copy passes cost as much as the convolutions.
+        Equal to the unfused modules up to float rounding; uses the current weights on every call.
+        """
+        w, bias = self.weight, self.bias
+        if scale is not None:
+            w = w * scale.to(w.dtype)[:, None, None]
+            if bias is not None:
+                bias = bias * scale.to(bias.dtype)
+        if shift is not None:
+            bias = shift if bias is None else bias + shift
+        y = self._run(x, w, bias)  # may be a strided crop
+        if residual is not None:
+            y = torch.add(y, residual)
+            return y.relu_() if relu else y
+        return torch.relu(y) if relu else y.contiguous()
+
+    def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         path = self.resolved_path(x)
         if path == "dense":
-            return self._forward_dense(x)
+            return self._forward_dense(x, weight, bias)
         if path == "ring":
-            return self._forward_ring(x)
-        return self._forward_fft(x)
+            return self._forward_ring(x, weight, bias)
+        return self._forward_fft(x, weight, bias)
 
     # -- forward paths ------------------------------------------------------------------------------------
-    def _forward_dense(self, x: Tensor) -> Tensor:
-        w = self.dense_kernel().to(dtype=x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+    def _forward_dense(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        weight = self.weight if weight is None else weight
+        w = torch.einsum("oir,rkl->oikl", weight, self.masks.to(weight.dtype)).to(dtype=x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
         return F.conv2d(x, w, bias, padding=self.padding, groups=self.groups)
 
-    def _forward_ring(self, x: Tensor) -> Tensor:
+    def _forward_ring(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        weight = self.weight if weight is None else weight
         b = self.num_rings
         masks = self.masks.to(dtype=x.dtype)
         # depthwise: every input channel against the b fixed masks -> channels ordered (i, r)
         dw = masks[:, None].repeat(self.in_channels, 1, 1, 1)
         z = F.conv2d(x, dw, None, padding=self.padding, groups=self.in_channels)
-        mix = self.weight.reshape(self.out_channels, (self.in_channels // self.groups) * b, 1, 1)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        mix = weight.reshape(self.out_channels, (self.in_channels // self.groups) * b, 1, 1)
+        bias = None if bias is None else bias.to(x.dtype)
         return F.conv2d(z, mix.to(x.dtype), bias, groups=self.groups)
 
     def _mask_spectrum(self, n_h: int, n_w: int, device: torch.device) -> Tensor:
@@ -261,9 +296,12 @@ class SREConv2d(nn.Module):
             self._mask_spectra[key] = spec2
         return spec2
 
-    def _forward_fft(self, x: Tensor, block_floats: int = 1 << 19) -> Tensor:
+    def _forward_fft(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+                     block_floats: int = 1 << 19) -> Tensor:
+        """FFT path; returns the (h, w) crop of the inverse transform, possibly a strided view."""
+        weight = self.weight if weight is None else weight
         if self.groups != 1:
-            return self._forward_ring(x)
+            return self._forward_ring(x, weight, bias)
         orig_dtype = x.dtype
         x = x.float()
         bsz, cin, h, w = x.shape
@@ -272,22 +310,24 @@ class SREConv2d(nn.Module):
         nf = n_h * (n_w // 2 + 1)
         b, cout = self.num_rings, self.out_channels
         xf = torch.view_as_real(_rfft2(x, n_h, n_w)).reshape(bsz, cin, nf * 2)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             # differentiable (training) variant: same maths, no in-place blocks
             spec = self._mask_spectrum(n_h, n_w, x.device)
-            wmat = self.weight.float().permute(2, 0, 1).reshape(b * cout, cin)
+            wmat = weight.float().permute(2, 0, 1).reshape(b * cout, cin)
             z = torch.matmul(wmat, xf).view(bsz, b, cout, nf, 2)
             yf = (z * spec[None, :, None, :, None]).sum(dim=1)
+            if bias is not None:
+                y = _irfft2_crop(torch.view_as_complex(yf.contiguous()), n_h, n_w, h, w)
+                return (y + bias.float()[None, :, None, None]).to(orig_dtype)
         else:
             spec2 = self._mask_spectrum_interleaved(n_h, n_w, x.device)
-            yf = self._fft_mix_blocked(xf, spec2, block_floats)
+            yf = self._fft_mix_blocked(xf, weight.detach().float(), spec2, block_floats)
+            if bias is not None:  # a constant over the whole (n_h, n_w) output is n_h*n_w at DC (real part)
+                yf[:, :, 0] += bias.detach().float() * float(n_h * n_w)
         yc = torch.view_as_complex(yf.view(bsz, cout, n_h, n_w // 2 + 1, 2))
-        y = _irfft2_crop(yc, n_h, n_w, h, w)
-        if self.bias is not None:
-            y = y + self.bias.float()[None, :, None, None]
-        return y.contiguous().to(orig_dtype)
+        return _irfft2_crop(yc, n_h, n_w, h, w).to(orig_dtype)
 
-    def _fft_mix_blocked(self, xf: Tensor, spec2: Tensor, block_floats: int) -> Tensor:
+    def _fft_mix_blocked(self, xf: Tensor, weight: Tensor, spec2: Tensor, block_floats: int) -> Tensor:
         """Y_o = sum_(i,r) w[o,i,r] * (S_r X_i), one cache-sized block of frequencies at a time.
 
         Scaling the input spectra by the ring spectra first turns the mixing into one GEMM with inner
@@ -303,7 +343,7 @@ class SREConv2d(nn.Module):
         # The GEMM runs as a 1x1 convolution over a batch of 16 frequency chunks: that is what sends it to
         # oneDNN's kernels (PyTorch gives torch.mm, and 1x1 convs with batch < 16 on one thread, to the
         # BLAS), measured 1.3-2x faster than torch.mm on an AVX-512 AMD CPU, whose MKL runs a slower path.
-        w4 = self.weight.detach().float().reshape(cout, ck, 1, 1)
+        w4 = weight.reshape(cout, ck, 1, 1).contiguous()
         wmat = w4.view(cout, ck)
         yf = torch.empty(bsz, cout, n2, device=xf.device, dtype=torch.float32)
         blk = max(1024, min(8192, block_floats // ck)) // 16 * 16
