@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "dearray": "equiseg_cli.dearray:dearray",
     "info": "equiseg_cli.info:info",
     "preprocess": "equiseg_cli.preprocess:preprocess",
+    "robustness": "equiseg_cli.robustness:robustness",
     "run": "equiseg_cli.run:run",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from equiseg_cli.options import backend_option, feature_options, mpp_option, quiet_option
 from equiseg_wsi.cluster import ClusterModel
 from equiseg_wsi.inputs import collect_inputs
-from equiseg_wsi.runner import RunOptions, run_slides, write_run_outputs
+from equiseg_wsi.runner import RunOptions, check_writable, run_slides, write_run_outputs
 from equiseg_wsi.segment import SegmentOptions
 from equiseg_wsi.tma import read_case_ids
 
@@ -55,13 +56,20 @@ from equiseg_wsi.tma import read_case_ids
               help="CSV mapping TMA core names (A-1, ...) to case ids; they land in biomarkers.csv and the .qptma.")
 @click.option("--overwrite/--resume", default=False, show_default=True,
               help="--resume skips slides whose outputs are complete from an earlier run; --overwrite redoes them.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Send one task per slide to this Dask scheduler (tcp://host:port); workers must see INPUTS and "
+              "the output folder at the same paths. Default: run in this process.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Start a local Dask cluster with this many worker processes (each gets its share of the CPU "
+              "cores). Default: run in this process.")
 @quiet_option
 def run(
     inputs: tuple[Path, ...], out_dir: Path, n_clusters: int, n_samples: int, seed: int,
     kmeans_model: Path | None, weights: Path | None, target_mpp: float, layer: str, device: str,
     batch_size: int | None, halo: int | None, mpp: float | None, backend: str, tile_size: int, min_area: float,
     tissue_mpp: float, min_tissue_area: float, simplify: float, bounds_offset: bool, tma: bool | None,
-    core_diameter: float | None, case_ids: Path | None, overwrite: bool, quiet: bool,
+    core_diameter: float | None, case_ids: Path | None, overwrite: bool, scheduler: str | None,
+    workers: int | None, quiet: bool,
 ) -> None:
     """Segment every slide or core image in INPUTS and write QuPath GeoJSON, biomarker CSVs and overlays.
 
@@ -70,12 +78,15 @@ def run(
     a `path` or `processed` column. A plain image is one core; a whole slide is processed as its tissue
     pieces. Exit code 1 when any slide failed (the manifest says why), 0 otherwise.
     """
-    from equiseg_wsi.features import build_extractor
+    from equiseg_wsi.features import ExtractorSpec
 
     started = time.perf_counter()
+    if scheduler and workers:
+        raise click.UsageError("give either --scheduler or --workers, not both")
     sources = collect_inputs(inputs, mpp=mpp, exclude=out_dir)
-    extractor, identity = build_extractor(weights, layer=layer, device=device, batch_size=batch_size,
-                                          target_mpp=target_mpp)
+    check_writable(out_dir)
+    spec = ExtractorSpec(str(weights) if weights else None, layer, device, batch_size, target_mpp)
+    extractor, identity = spec.build()
     model = None
     if kmeans_model is not None:
         model = ClusterModel.load(kmeans_model)
@@ -105,8 +116,22 @@ def run(
         tiles_bar.n = done
         tiles_bar.refresh()
 
-    results = run_slides(sources, out_dir, extractor, options, identity, model=model,
-                         on_slide=on_slide, progress=on_tiles)
+    if scheduler or workers:
+        import distributed  # noqa: F401  (configures its loggers on import; quiet them unless -vv)
+
+        from equiseg_wsi.distributed import run_on_dask
+
+        if logging.getLogger().level > logging.DEBUG:
+            logging.getLogger("distributed").setLevel(logging.ERROR)
+
+        def on_result(i: int, result: object) -> None:
+            slides_bar.update(1)
+
+        results = run_on_dask(sources, out_dir, spec, options, kmeans_model=kmeans_model, scheduler=scheduler,
+                              n_workers=workers, on_result=on_result)
+    else:
+        results = run_slides(sources, out_dir, extractor, options, identity, model=model,
+                             on_slide=on_slide, progress=on_tiles)
     slides_bar.n = len(sources)
     slides_bar.close()
     tiles_bar.close()

@@ -13,8 +13,10 @@ features equal to whole-image features within 1e-5 relative (the tests check 1e-
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from .models.weights import (
 )
 from .progress import ProgressCallback, no_progress
 
-__all__ = ["DEFAULT_HALO", "FeatureExtractor", "build_extractor", "resolve_device"]
+__all__ = ["DEFAULT_HALO", "ExtractorSpec", "FeatureExtractor", "build_extractor", "resolve_device"]
 
 DEFAULT_HALO = 96
 
@@ -264,6 +266,27 @@ def build_extractor(
         device=device, batch_size=batch_size,
     )
     return extractor, {**extractor.identity(), "target_mpp": float(target_mpp)}
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """Everything needed to rebuild the same extractor in another process (a Dask worker)."""
+
+    weights: str | None = None
+    layer: str = DEFAULT_LAYER
+    device: str = "auto"
+    batch_size: int | None = None
+    target_mpp: float = 2.5
+
+    def build(self) -> tuple[FeatureExtractor, dict[str, Any]]:
+        """The extractor and its feature identity, built once per process and then reused."""
+        return _cached_extractor(self)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_extractor(spec: ExtractorSpec) -> tuple[FeatureExtractor, dict[str, Any]]:
+    return build_extractor(spec.weights, layer=spec.layer, device=spec.device, batch_size=spec.batch_size,
+                           target_mpp=spec.target_mpp)
 
 
 def _round_up(v: int, m: int) -> int:

@@ -58,6 +58,9 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
         if not row.get(column):
             raise InputError(f"{path}, line {i}: empty {column!r}")
         file = Path(row[column])
+        if not file.is_absolute() and not (path.parent / file).resolve().is_relative_to(path.parent.resolve()):
+            raise InputError(f"{path}, line {i}: relative path {row[column]!r} leads outside the manifest's folder "
+                             "(write it as an absolute path if that is intended)")
         row["path"] = str(file if file.is_absolute() else (path.parent / file))
         row["_where"] = f"{path}, line {i}"
         out.append(row)

@@ -7,10 +7,8 @@ slide is complete (every other file is written atomically before it). The run-le
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,8 +20,8 @@ import numpy as np
 from equiseg_wsi import __version__
 from equiseg_wsi.biomarkers import compute_biomarkers, segment_measurements, write_csv
 from equiseg_wsi.cluster import ClusterModel
-from equiseg_wsi.errors import EquisegError, NoTissueError
-from equiseg_wsi.export.atomic import atomic_write_text
+from equiseg_wsi.errors import EquisegError, InputError, NoTissueError
+from equiseg_wsi.export.atomic import atomic_write_text, remove_stale_temporaries
 from equiseg_wsi.export.geojson import cluster_class_name, cluster_color, object_id, qupath_feature, write_geojson
 from equiseg_wsi.export.overlay import label_image, render_overlay, save_png
 from equiseg_wsi.inputs import SlideSource
@@ -115,6 +113,7 @@ def process_slide(
             return done
     start = time.perf_counter()
     result = SlideResult(name=source.name, path=str(source.path), status="failed")
+    remove_stale_temporaries(_slide_dir(out_dir, source))  # what a killed run of this slide left behind
     try:
         with open_slide(source.path, backend=options.backend, mpp=source.mpp or options.mpp) as slide:
             _segment_slide(slide, source, out_dir, extractor, options, feature_identity, model, progress, result)
@@ -129,7 +128,7 @@ def process_slide(
     result.seconds["total"] = round(time.perf_counter() - start, 3)
     if result.status == "done":
         record = _slide_dir(out_dir, source) / SLIDE_RECORD
-        atomic_write_text(record, json.dumps(result.as_dict(), indent=1, sort_keys=True) + "\n")
+        atomic_write_text(record, json.dumps(result.as_dict(), indent=1) + "\n")  # keeps column order
     return result
 
 
@@ -145,7 +144,7 @@ def _segment_slide(
     result: SlideResult,
 ) -> None:
     t0 = time.perf_counter()
-    tissue = detect_tissue(slide, options.tissue_mpp, min_area_um2=options.tissue_min_area_um2)
+    tissue = detect_tissue(slide, options.tissue_mpp)
     folder = _slide_dir(out_dir, source)
     outputs: list[Path] = []
     grid: TmaGrid | None = None
@@ -154,7 +153,7 @@ def _segment_slide(
         areas = core_areas(grid, tissue)
         outputs.extend(export_dearray(grid, slide, folder, case_ids=options.case_ids).values())
     else:
-        areas = region_areas(tissue, source.is_core, source.core or source.name)
+        areas = region_areas(tissue, source.is_core, source.core or source.name, options.tissue_min_area_um2)
     result.seconds["tissue"] = round(time.perf_counter() - t0, 3)
     if not areas:
         raise NoTissueError(f"{source.path}: no tissue found (tissue fraction {tissue.tissue_fraction:.1%})")
@@ -169,8 +168,8 @@ def _segment_slide(
         try:
             seg = segment_region(slide, area, extractor, seg_opts, model=model,
                                  feature_identity=feature_identity, progress=progress)
-        except NoTissueError as exc:
-            result.failed_regions[area.name] = str(exc)
+        except EquisegError as exc:  # e.g. too little tissue for K clusters: the slide's other regions go on
+            result.failed_regions[area.name] = " ".join(str(exc).split())
             continue
         t_features += time.perf_counter() - t1
         identity = {"slide": source.slide, "region": area.name, "source_path": str(source.path),
@@ -184,7 +183,8 @@ def _segment_slide(
         features.extend(_region_features(source, seg, k, offset, options.simplify_cells))
         outputs.extend(_region_pictures(slide, folder, seg, k))
     if not result.regions:
-        raise NoTissueError(f"{source.path}: no region had enough tissue to segment")
+        reasons = "; ".join(f"{k}: {v}" for k, v in result.failed_regions.items())
+        raise NoTissueError(f"{source.path}: no region could be segmented ({reasons})")
     result.seconds["segment"] = round(t_features, 3)
     geojson = folder / f"{source.name}.geojson"
     write_geojson(geojson, features)
@@ -237,12 +237,14 @@ def _region_pictures(slide: Slide, folder: Path, seg: RegionSegmentation, k: int
     return [overlay, labels]
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_writable(out_dir: Path) -> None:
+    """Fail before any work when the output folder cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / ".equiseg-write-test", "ok\n", fsync=False)
+        (out_dir / ".equiseg-write-test").unlink()
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot write outputs here ({exc.strerror or exc})") from exc
 
 
 def write_run_outputs(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +23,7 @@ from equiseg_wsi.polygons import remove_small_segments
 from equiseg_wsi.progress import ProgressCallback, no_progress
 from equiseg_wsi.slide import Slide
 from equiseg_wsi.tiling import Tile, TileGrid, read_tile
-from equiseg_wsi.tissue import TissueMap, TissueRegion
+from equiseg_wsi.tissue import TissueMap, TissueRegion, detect_tissue
 
 # Features of regions smaller than this stay in RAM; larger ones go to a scratch file.
 IN_MEMORY_FEATURE_BYTES = 256 * 1024 * 1024
@@ -76,8 +77,9 @@ class RegionSegmentation:
     n_tiles: int
 
 
-def region_areas(tissue: TissueMap, as_one_core: bool, core_name: str) -> list[RegionArea]:
-    """A core image is one region (all its tissue); a slide without a TMA grid is one region per tissue piece."""
+def region_areas(tissue: TissueMap, as_one_core: bool, core_name: str, min_region_um2: float = 0.0) -> list[RegionArea]:
+    """A core image is one region (all its tissue); a slide without a TMA grid is one region per tissue piece
+    of at least `min_region_um2` µm²."""
     if as_one_core:
         rows, cols = np.nonzero(tissue.mask)
         if rows.size == 0:
@@ -86,7 +88,38 @@ def region_areas(tissue: TissueMap, as_one_core: bool, core_name: str) -> list[R
         r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
         rect = (c0 * px, r0 * px, (c1 - c0) * px, (r1 - r0) * px)
         return [RegionArea(core_name, rect, tissue)]
-    return [RegionArea(r.name, r.bbox_level0, _only(tissue, r)) for r in tissue.regions]
+    return [RegionArea(r.name, r.bbox_level0, _only(tissue, r)) for r in tissue.regions if r.area_um2 >= min_region_um2]
+
+
+@dataclass
+class SlideRegions:
+    """What `slide_regions` found: the slide's tissue map, its TMA grid (None unless dearrayed) and the regions."""
+
+    tissue: TissueMap
+    grid: Any  # equiseg_wsi.tma.TmaGrid | None (typed loosely: tma imports this module)
+    areas: list[RegionArea]
+
+
+def slide_regions(
+    slide: Slide,
+    *,
+    is_core: bool,
+    core_name: str,
+    tissue_mpp: float = 8.0,
+    min_tissue_area_um2: float = 20000.0,
+    tma: bool | None = None,
+    core_diameter_um: float | None = None,
+) -> SlideRegions:
+    """The regions `equiseg run` segments: a core image is one region; a TMA slide one region per present
+    core (dearrayed when `tma` is True, or when None and the slide looks like a TMA); any other slide one
+    region per tissue piece. One definition, so fit, run and robustness see the same regions."""
+    from equiseg_wsi.tma import core_areas, dearray, is_tma
+
+    tissue = detect_tissue(slide, tissue_mpp, min_area_um2=min_tissue_area_um2)
+    if not is_core and tma is not False and (tma or is_tma(tissue)):
+        grid = dearray(tissue, core_diameter_um=core_diameter_um)
+        return SlideRegions(tissue, grid, core_areas(grid, tissue))
+    return SlideRegions(tissue, None, region_areas(tissue, is_core, core_name))
 
 
 def _only(tissue: TissueMap, region: TissueRegion) -> TissueMap:
@@ -124,18 +157,37 @@ def _batches(grid: TileGrid, slide: Slide, mpp: float, size: int) -> Iterator[tu
         yield batch, np.stack(pixels)
 
 
-def segment_region(
+@dataclass
+class RegionFeatures:
+    """A region's features before clustering, on its feature-cell grid (what fitting and predicting read).
+
+    `features` (h, w, C) float32 may be a memory-mapped scratch array: valid only inside `region_features`.
+    """
+
+    name: str
+    features: np.ndarray
+    tissue: np.ndarray  # (h, w) bool: cells counted as tissue
+    rgb: np.ndarray  # (h, w, 3) uint8 mean colour of each cell
+    x0: float  # level-0 top-left of the cell grid
+    y0: float
+    cell_level0: float  # level-0 px per feature cell
+    n_tiles: int
+
+
+@contextmanager
+def region_features(
     slide: Slide,
     area: RegionArea,
     extractor: Extractor,
     options: SegmentOptions,
     *,
-    model: ClusterModel | None = None,
-    feature_identity: dict[str, Any] | None = None,
     progress: ProgressCallback = no_progress,
     scratch_dir: str | Path | None = None,
-) -> RegionSegmentation:
-    """Segment one region: fit KMeans on it (intra mode) or apply `model` (a cohort model)."""
+) -> Iterator[RegionFeatures]:
+    """Stream a region's tiles through the extractor; yields its feature map, tissue cells and cell colours.
+
+    A context manager because a large region's features live in a scratch file that is removed on exit.
+    """
     stride = extractor.stride
     if options.tile_size % stride or options.halo % stride:
         raise ValueError(f"tile size and halo must be multiples of the feature stride {stride}")
@@ -173,18 +225,36 @@ def segment_region(
                 rgb[r0:r1, c0:c1] = np.round(means[: r1 - r0, : c1 - c0]).astype(np.uint8)
             done += len(tiles)
             progress(done, len(wanted), "tiles")
+        try:
+            yield RegionFeatures(area.name, features, tissue, rgb, x0, y0, cell, len(wanted))
+        finally:
+            del features
+
+
+def segment_region(
+    slide: Slide,
+    area: RegionArea,
+    extractor: Extractor,
+    options: SegmentOptions,
+    *,
+    model: ClusterModel | None = None,
+    feature_identity: dict[str, Any] | None = None,
+    progress: ProgressCallback = no_progress,
+    scratch_dir: str | Path | None = None,
+) -> RegionSegmentation:
+    """Segment one region: fit KMeans on it (intra mode) or apply `model` (a cohort model)."""
+    with region_features(slide, area, extractor, options, progress=progress, scratch_dir=scratch_dir) as rf:
         if model is None:
             model = fit_region(
-                features, tissue, rgb, options.n_clusters, options.n_samples, options.seed,
+                rf.features, rf.tissue, rf.rgb, options.n_clusters, options.n_samples, options.seed,
                 source=area.name, feature_identity=feature_identity,
             )
-        labels = model.predict(features, mask=tissue)
-        del features
-    cell_um = options.target_mpp * stride
+        labels = model.predict(rf.features, mask=rf.tissue)
+    cell_um = options.target_mpp * extractor.stride
     min_cells = int(math.ceil(options.min_segment_um2 / (cell_um * cell_um)))
     if min_cells > 1:
         labels = remove_small_segments(labels, min_cells)
-    return RegionSegmentation(area.name, labels, rgb, x0, y0, cell, cell_um, model, len(wanted))
+    return RegionSegmentation(area.name, labels, rf.rgb, rf.x0, rf.y0, rf.cell_level0, cell_um, model, rf.n_tiles)
 
 
 class _ListGrid:

@@ -187,6 +187,8 @@ class _ImageReader(_Reader):
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 height, width = int(page.shape[0]), int(page.shape[1])
+                if width * height > 2 * (Image.MAX_IMAGE_PIXELS or 1 << 62):
+                    raise SlideError(f"plain TIFF of {width} x {height} px is too large to decode at once")
                 self.mpp_xy = _tiff_resolution_mpp(page)
                 _check_not_truncated(tif, path)
             self._is_jpeg = False
@@ -261,7 +263,11 @@ def _tiff_resolution_mpp(page: Any) -> tuple[float | None, float | None]:
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in ("RGBA", "LA", "P") or "transparency" in img.info:
+    if img.mode.startswith("I"):  # 16-bit grey arrives as I;16 or I (int32 holding 0..65535)
+        return _to_rgb(np.clip(np.asarray(img), 0, 65535).astype(np.uint16))
+    if img.mode == "F":
+        return _to_rgb(np.asarray(img, dtype=np.float32))
+    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
         return _to_rgb(np.asarray(img.convert("RGBA")))
     return np.asarray(img.convert("RGB"))
 

@@ -121,6 +121,13 @@ def _clean(mask: np.ndarray, min_px: float, max_hole_px: float, keep_lumina: boo
     return mask | small[hole_labels]
 
 
+def _is_colour(rgb: np.ndarray) -> bool:
+    """False for grey-scale images stored as RGB (all channels equal within JPEG noise)."""
+    sample = np.asarray(rgb[::4, ::4], dtype=np.int16)
+    spread = sample.max(axis=-1) - sample.min(axis=-1)
+    return bool(np.percentile(spread, 99) > 8)
+
+
 def tissue_mask(
     rgb: np.ndarray,
     mpp: float,
@@ -137,7 +144,9 @@ def tissue_mask(
     if not mpp > 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
     od, sat = _od_and_saturation(rgb)
-    raw = (od >= _threshold(od)) & (sat >= SAT_FLOOR)
+    raw = od >= _threshold(od)
+    if _is_colour(rgb):  # a grey-scale image has no saturation to tell stain from grey haze: density alone
+        raw &= sat >= SAT_FLOOR
     px_area = float(mpp) ** 2
     return _clean(raw, min_area_um2 / px_area, max_hole_um2 / px_area, keep_lumina)
 

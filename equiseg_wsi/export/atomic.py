@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "temporary_name"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "remove_stale_temporaries", "temporary_name"]
 
 _TMP_PREFIX = ".tmp-"
 
@@ -80,3 +80,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8", fsync: bool = True) -> Path:
     """Write ``text`` atomically; newlines are written as given (no platform translation)."""
     return atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
+    """Delete temporary files a killed run left in `folder` (not recursive); returns how many.
+
+    Call it only where no other writer is active (a slide's folder before the slide is redone).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for path in root.glob(f"{_TMP_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
