@@ -1,9 +1,12 @@
-"""Main-job benchmark: `equiseg run` on the CC0 sample slide and on a slide with 4x its tissue area.
+"""Main-job benchmark: `equiseg run` on the CC0 sample slide and on slides with more of its tissue.
 
-Prints seconds per mm² of tissue and the peak resident memory of each run (each in a fresh process), and
-the ratio of the two peaks: a slide must stream, so memory must not grow with slide size.
+For each tissue-area scale (1x is the sample slide itself; Nx tiles N mirrored copies of it into one slide)
+and each executor (in-process, and a local Dask cluster with 2 workers), prints the seconds, seconds per mm²
+of tissue and the peak resident memory of the run (each in a fresh process; for Dask, the largest process).
+A slide must stream: memory must not grow with slide size, and time should grow at most linearly with area.
 
-    python benchmarks/bench_run.py [--scale 4] [--target-mpp 2.5] [--keep DIR]
+    python benchmarks/bench_run.py [--scales 1,4] [--executors local] [--target-mpp 2.5] [--keep DIR]
+    python benchmarks/bench_run.py --scales 1,4,16 --executors local,dask   # the issue's scaling table
 """
 
 from __future__ import annotations
@@ -48,10 +51,12 @@ def make_scaled_slide(path: Path, scale: int) -> None:
     write_aperio_pyramid(path, np.ascontiguousarray(np.concatenate(rows, axis=0)), mpp=mpp, n_levels=3)
 
 
-def run_once(slide: Path, out: Path, target_mpp: float) -> tuple[float, float, float]:
+def run_once(slide: Path, out: Path, target_mpp: float, executor: str) -> tuple[float, float, float]:
     """(seconds, tissue mm², peak RSS MiB) of one `equiseg run` in a fresh process."""
     cmd = [sys.executable, "-m", "equiseg_cli.main", "run", str(slide), "-o", str(out), "--quiet",
            "--device", "cpu", "--target-mpp", str(target_mpp), "--overwrite"]
+    if executor == "dask":
+        cmd += ["--workers", "2"]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *cmd], capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -65,23 +70,28 @@ def run_once(slide: Path, out: Path, target_mpp: float) -> tuple[float, float, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=int, default=4, help="tissue-area factor of the large slide (square)")
+    parser.add_argument("--scales", default="1,4", help="tissue-area factors, square numbers (default 1,4)")
+    parser.add_argument("--executors", default="local", help="local and/or dask (2 local workers)")
     parser.add_argument("--target-mpp", type=float, default=2.5, help="µm/px the model sees (run's default)")
     parser.add_argument("--keep", type=Path, default=None, help="keep slides and outputs in this folder")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="equiseg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    big = work / f"cc0_x{args.scale}.svs"
-    if not big.exists():
-        make_scaled_slide(big, args.scale)
-    rows = []
-    for name, slide in (("sample (1x)", SAMPLE), (f"{args.scale}x area", big)):
-        seconds, mm2, peak = run_once(slide, work / f"out_{slide.stem}", args.target_mpp)
-        rows.append((name, seconds, mm2, peak))
-        print(f"{name:>12}: {seconds:7.1f} s, tissue {mm2:6.3f} mm², {seconds / mm2:6.1f} s/mm², "
-              f"peak RSS {peak:7.0f} MiB", flush=True)
-    print(f"time ratio {rows[1][1] / rows[0][1]:.2f}x for {rows[1][2] / rows[0][2]:.2f}x tissue; "
-          f"peak RSS ratio: {rows[1][3] / rows[0][3]:.2f}x")
+    scales = [int(v) for v in args.scales.split(",")]
+    for executor in args.executors.split(","):
+        rows = []
+        for scale in scales:
+            slide = SAMPLE if scale == 1 else work / f"cc0_x{scale}.svs"
+            if not slide.exists():
+                make_scaled_slide(slide, scale)
+            seconds, mm2, peak = run_once(slide, work / f"out_{executor}_{scale}", args.target_mpp, executor)
+            rows.append((scale, seconds, mm2, peak))
+            print(f"{executor:>5} {scale:>3}x area: {seconds:7.1f} s, tissue {mm2:7.3f} mm², "
+                  f"{seconds / mm2:6.1f} s/mm², peak RSS {peak:7.0f} MiB", flush=True)
+        base = rows[0]
+        for scale, seconds, mm2, peak in rows[1:]:
+            print(f"{executor:>5} {scale}x vs {base[0]}x: time {seconds / base[1]:.2f}x for {mm2 / base[2]:.2f}x "
+                  f"tissue; peak RSS {peak / base[3]:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
