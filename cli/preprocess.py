@@ -8,15 +8,12 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from equiseg_cli.main import one_line
 from equiseg_cli.options import backend_option, mpp_option, quiet_option
-from equiseg_wsi.cores import find_images, preprocess_core, read_mpp_manifest, write_preprocess_csv
+from equiseg_wsi.cores import find_images, preprocess_core, write_preprocess_csv
 from equiseg_wsi.errors import EquisegError
+from equiseg_wsi.inputs import mpp_by_file
 from equiseg_wsi.tissue import DEFAULT_MIN_AREA_UM2, DEFAULT_TISSUE_MPP
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return text if isinstance(exc, EquisegError) else f"{exc.__class__.__name__}: {text}"
 
 
 @click.command()
@@ -80,7 +77,7 @@ def preprocess(
         raise EquisegError(f"{input_folder}: no slide or image files found")
     if manifest is None and (input_folder / "manifest.csv").is_file():
         manifest = input_folder / "manifest.csv"
-    mpp_by_name = read_mpp_manifest(manifest) if manifest is not None else {}
+    mpp_by_name = mpp_by_file(manifest) if manifest is not None else {}
     rows = []
     failed = 0
     bar = tqdm(images, unit="core", disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
@@ -96,7 +93,7 @@ def preprocess(
         except Exception as exc:  # one bad file must not stop the batch; --debug is for the group's errors
             failed += 1
             bar.clear()
-            message = _one_line(exc)
+            message = one_line(exc)
             click.echo(f"Error: {message if str(path) in message else f'{path}: {message}'}", err=True)
     bar.close()
     write_preprocess_csv(rows, output_csv)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -30,7 +29,6 @@ __all__ = [
     "masked_core",
     "parse_core_name",
     "preprocess_core",
-    "read_mpp_manifest",
     "write_preprocess_csv",
 ]
 
@@ -86,31 +84,6 @@ def upsample_mask(mask: np.ndarray, px_level0: float, width: int, height: int) -
     rows = np.minimum(((np.arange(height) + 0.5) / px_level0).astype(np.int64), mask.shape[0] - 1)
     cols = np.minimum(((np.arange(width) + 0.5) / px_level0).astype(np.int64), mask.shape[1] - 1)
     return mask[rows[:, None], cols[None, :]]
-
-
-def read_mpp_manifest(path: str | os.PathLike[str]) -> dict[str, float]:
-    """{file name: mpp} from a CSV with columns `path` and `mpp` (e.g. `sample_data/cores/manifest.csv`)."""
-    manifest = Path(path)
-    try:
-        with open(manifest, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "path" not in reader.fieldnames or "mpp" not in reader.fieldnames:
-                raise InputError(f"{manifest}: needs columns 'path' and 'mpp'")
-            out: dict[str, float] = {}
-            for line, row in enumerate(reader, start=2):
-                value = (row.get("mpp") or "").strip()
-                if not value:
-                    continue
-                try:
-                    mpp = float(value)
-                except ValueError:
-                    raise InputError(f"{manifest}, line {line}: mpp {value!r} is not a number") from None
-                if not (math.isfinite(mpp) and mpp > 0):
-                    raise InputError(f"{manifest}, line {line}: mpp must be positive, got {value!r}")
-                out[Path(row["path"]).name] = mpp
-    except OSError as exc:
-        raise InputError(f"{manifest}: cannot read ({exc.strerror or exc})") from exc
-    return out
 
 
 def _save_image(array: np.ndarray, path: Path) -> None:

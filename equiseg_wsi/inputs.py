@@ -137,3 +137,14 @@ def _unique(found: list[SlideSource]) -> list[SlideSource]:
     if not out:
         raise InputError("no slide or image files found in the inputs")
     return out
+
+
+def mpp_by_file(path: str | os.PathLike[str]) -> dict[str, float]:
+    """{file name: µm/px} from a manifest's `mpp` column (rows without a value are left out)."""
+    manifest = Path(path)
+    out = {}
+    for row in read_manifest(manifest):
+        mpp = _float(row.get("mpp"), row["_where"])
+        if mpp is not None:
+            out[Path(row["path"]).name] = mpp
+    return out

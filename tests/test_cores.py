@@ -14,10 +14,10 @@ from equiseg_wsi.cores import (
     masked_core,
     parse_core_name,
     preprocess_core,
-    read_mpp_manifest,
     upsample_mask,
 )
 from equiseg_wsi.errors import InputError, MppUnknownError, SlideError
+from equiseg_wsi.inputs import mpp_by_file
 
 CORES = Path(__file__).resolve().parents[1] / "sample_data" / "cores"
 
@@ -60,13 +60,13 @@ def test_masked_core_and_upsample() -> None:
 
 
 def test_manifest(tmp_path: Path) -> None:
-    assert read_mpp_manifest(CORES / "manifest.csv") == {
+    assert mpp_by_file(CORES / "manifest.csv") == {
         f"slide00{s}_core00{c}.jpg": 0.499 for s in (1, 2) for c in (1, 2)
     }
     bad = tmp_path / "m.csv"
     bad.write_text("path,mpp\na.jpg,zero\n")
     with pytest.raises(InputError, match="line 2"):
-        read_mpp_manifest(bad)
+        mpp_by_file(bad)
 
 
 def test_preprocess_core(tmp_path: Path) -> None:
