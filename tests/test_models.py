@@ -188,3 +188,26 @@ def test_random_init_activation_scale() -> None:
     img = crc_tile()[:64, :64]
     f = FeatureExtractor(random_model(ArchSpec(), seed=0), device="cpu").extract(img)
     assert 1e-2 < float(np.abs(f).mean()) < 1e2  # order one (the reference init reaches ~1e7)
+
+
+@pytest.mark.parametrize("path", ["auto", "fft", "ring"])
+def test_fused_inference_equals_module_by_module(path: str) -> None:
+    """Inference folds BN into the convs and fuses residual + ReLU; eval with autograd runs the modules."""
+    from equiseg_wsi.models.sre_conv import set_forward_path
+
+    torch.manual_seed(0)
+    model = set_forward_path(build_model(ArchSpec(kind="sre", **SMALL), seed=3).eval(), path)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        fused = model.features(x, ("stem", "layer4"))
+    with torch.enable_grad():
+        plain = model.features(x, ("stem", "layer4"))
+    for k in fused:
+        assert max_rel(fused[k].numpy(), plain[k].detach().numpy()) < 1e-5, k

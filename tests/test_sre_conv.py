@@ -118,3 +118,46 @@ def test_auto_choice_and_validation() -> None:
         SREConv2d(3, 4, 4)
     with pytest.raises(ValueError):
         SREConv2d(3, 4, 3, path="winograd")
+
+
+@pytest.mark.parametrize("path", ["dense", "ring", "fft"])
+@pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, True)])
+def test_forward_fused_equals_conv_bn_residual_relu(path: str, residual: bool, relu: bool) -> None:
+    """BN folded into the weights (FFT: shift at the DC coefficient), residual and ReLU fused: same result."""
+    torch.manual_seed(3)
+    conv = SREConv2d(6, 8, 5, bias=True, path=path).eval()
+    torch.nn.init.normal_(conv.bias)
+    bn = torch.nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    x = torch.randn(2, 6, 20, 18)
+    res = torch.randn(2, 8, 20, 18) if residual else None
+    with torch.inference_mode():
+        want = bn(conv(x)) + (res if residual else 0)
+        want = torch.relu(want) if relu else want
+        scale = torch.rsqrt(bn.running_var + bn.eps) * bn.weight
+        got = conv.forward_fused(x, scale, bn.bias - bn.running_mean * scale, residual=res, relu=relu)
+    assert got.is_contiguous() and got.shape == want.shape
+    assert rel(got, want) < 1e-5
+
+
+def test_fft_path_several_blocks_and_threads() -> None:
+    """Frequency range split into blocks, one chunk per worker thread, < 16-frequency tails: same as dense."""
+    torch.manual_seed(4)
+    conv = SREConv2d(8, 12, 5).eval()
+    x = torch.randn(3, 8, 60, 52)
+    with torch.inference_mode():
+        want = conv._forward_dense(x)
+        got = conv._forward_fft(x, block_floats=1).contiguous()  # smallest blocks (1024 values)
+    assert rel(got, want) < 1e-5
+
+
+def test_auto_rule_small_maps() -> None:
+    cpu = torch.device("cpu")
+    assert choose_path(cpu, 512, 512, 5, 64, 64) == "fft"
+    assert choose_path(cpu, 256, 256, 5, 32, 32) == "fft"
+    assert choose_path(cpu, 32, 32, 5, 32, 32) == "dense"
+    assert choose_path(cpu, 64, 64, 3, 512, 512) == "dense"
