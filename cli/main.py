@@ -15,7 +15,10 @@ from equiseg_wsi.errors import EquisegError
 # name -> "module:attribute"; commands are imported only when used, so `equiseg --help` stays fast.
 COMMANDS: dict[str, str] = {
     "dearray": "equiseg_cli.dearray:dearray",
+    "fit": "equiseg_cli.fit:fit",
     "info": "equiseg_cli.info:info",
+    "inter": "equiseg_cli.original:inter",
+    "intra": "equiseg_cli.original:intra",
     "preprocess": "equiseg_cli.preprocess:preprocess",
     "robustness": "equiseg_cli.robustness:robustness",
     "run": "equiseg_cli.run:run",

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from equiseg_cli.fit import clustering_options, region_options
+from equiseg_cli.fit import clustering_options, min_area_option, region_options
 from equiseg_cli.options import backend_option, feature_options, mpp_option, quiet_option
 from equiseg_wsi.robustness import DEFAULT_ANGLES
 
@@ -30,6 +30,7 @@ from equiseg_wsi.robustness import DEFAULT_ANGLES
 @mpp_option
 @backend_option
 @region_options
+@min_area_option
 @quiet_option
 def robustness(
     inputs: tuple[Path, ...], out_dir: Path, angles: str, models: tuple[Path, Path] | None, n_clusters: int,
@@ -53,6 +54,7 @@ def robustness(
         weight_file_models,
         write_robustness_outputs,
     )
+    from equiseg_wsi.runner import RunOptions
     from equiseg_wsi.segment import SegmentOptions
 
     started = time.perf_counter()
@@ -63,10 +65,14 @@ def robustness(
     common = {"layer": layer, "device": device, "batch_size": batch_size, "target_mpp": target_mpp}
     tested = weight_file_models(models, **common) if models else default_models(**common)
     first = tested[0].extractor
-    options = SegmentOptions(
-        n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, tile_size=tile_size,
-        halo=halo if halo is not None else getattr(first, "recommended_halo", 96),
-        batch_size=getattr(first, "batch_size", 1), min_segment_um2=min_area,
+    options = RunOptions(
+        segment=SegmentOptions(
+            n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, tile_size=tile_size,
+            halo=halo if halo is not None else getattr(first, "recommended_halo", 96),
+            batch_size=getattr(first, "batch_size", 1), min_segment_um2=min_area,
+        ),
+        backend=backend, mpp=mpp, tissue_mpp=tissue_mpp, tissue_min_area_um2=min_tissue_area, tma=tma,
+        core_diameter_um=core_diameter,
     )
     show = not quiet and sys.stderr.isatty()
     cores_bar = tqdm(desc="cores", unit="core", disable=not show, position=0)
@@ -85,11 +91,7 @@ def robustness(
         segs_bar.n = done
         segs_bar.refresh()
 
-    series, failures = run_experiment(
-        sources, tested, options, angle_list, backend=backend, mpp=mpp, tissue_mpp=tissue_mpp,
-        tissue_min_area_um2=min_tissue_area, tma=tma, core_diameter_um=core_diameter, on_core=on_core,
-        progress=on_seg,
-    )
+    series, failures = run_experiment(sources, tested, options, angle_list, on_core=on_core, progress=on_seg)
     cores_bar.n = len(started_cores)
     cores_bar.close()
     segs_bar.close()

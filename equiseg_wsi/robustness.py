@@ -41,6 +41,7 @@ from equiseg_wsi.export.geojson import cluster_class_name, cluster_color
 from equiseg_wsi.export.overlay import render_overlay, save_png
 from equiseg_wsi.progress import ProgressCallback, no_progress
 from equiseg_wsi.robust_metrics import compare_labels
+from equiseg_wsi.runner import RunOptions
 from equiseg_wsi.segment import Extractor, RegionArea, SegmentOptions, segment_region
 from equiseg_wsi.slide import Slide
 from equiseg_wsi.tissue import detect_tissue
@@ -63,6 +64,7 @@ __all__ = [
     "summary_rows",
     "weight_file_models",
     "write_robustness_outputs",
+    "write_rotation_series",
 ]
 
 DEFAULT_ANGLES = "0:360:30"
@@ -449,35 +451,32 @@ def _content_cells(s: RotationSeries) -> tuple[slice, slice]:
     return slice(y // stride, -(-(y + h) // stride)), slice(x // stride, -(-(x + w) // stride))
 
 
-def series_strip(s: RotationSeries, cell_px: int = 4) -> Image.Image:
+def series_strip(s: RotationSeries, min_panel: int = 160) -> Image.Image:
     """The original method's picture, one strip per core: the segmentation at every angle rotated back to 0°,
-    drawn over the 0° image (the core's box only), each panel captioned with its angle and agreement."""
+    drawn over the 0° image (the core's box only), each panel captioned with its angle and pixel agreement.
+    Panels are at least `min_panel` px wide (whole pixels per feature cell)."""
     rows, cols = _content_cells(s)
     stride = max(1, round(s.cell_um / s.core.mpp))
-    x0, y0 = cols.start * stride, rows.start * stride
-    image = s.core.rgb[y0 : rows.stop * stride, x0 : cols.stop * stride]
-    colors = _colors(s.k)
-    panels = []
-    for a in s.angles:
+    image = s.core.rgb[rows.start * stride : rows.stop * stride, cols.start * stride : cols.stop * stride]
+    n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
+    cell_px = max(2, math.ceil(min_panel / max(n_rows, n_cols)))
+    height, width = n_rows * cell_px, n_cols * cell_px
+    base = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)).astype(np.float32)
+    palette = np.array([(0, 0, 0), *_colors(s.k)], dtype=np.float32)
+    font = ImageFont.load_default()
+    pad, caption = 6, 30
+    canvas = Image.new("RGB", (len(s.angles) * (width + pad) + pad, height + caption + 2 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, a in enumerate(s.angles):
         lab = a.labels_back[rows, cols]
-        height, width = lab.shape[0] * cell_px, lab.shape[1] * cell_px
-        base = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
-        up = np.asarray(Image.fromarray(lab.astype(np.int32)).resize((width, height), Image.Resampling.NEAREST))
-        palette = np.array([(0, 0, 0), *colors], dtype=np.float32)
-        tinted = base.astype(np.float32)
+        up = np.kron(lab, np.ones((cell_px, cell_px), dtype=lab.dtype))
+        tinted = base.copy()
         inside = up > 0
         tinted[inside] = 0.45 * tinted[inside] + 0.55 * palette[up[inside]]
-        panels.append((f"{a.angle:g} deg  agr {a.metrics['pixel_agreement']:.3f}", tinted.round().astype(np.uint8)))
-    font = ImageFont.load_default()
-    pad, caption = 4, 14
-    ph = max(p.shape[0] for _, p in panels)
-    pw = max(p.shape[1] for _, p in panels)
-    canvas = Image.new("RGB", (len(panels) * (pw + pad) + pad, ph + caption + 2 * pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (text, p) in enumerate(panels):
-        x = pad + i * (pw + pad)
-        canvas.paste(Image.fromarray(p), (x, pad + caption))
-        draw.text((x, pad), text, fill=(0, 0, 0), font=font)
+        x = pad + i * (width + pad)
+        canvas.paste(Image.fromarray(tinted.round().astype(np.uint8)), (x, pad + caption))
+        draw.text((x, pad), f"{a.angle:g} deg", fill=(0, 0, 0), font=font)
+        draw.text((x, pad + 13), f"agreement {a.metrics['pixel_agreement']:.3f}", fill=(0, 0, 0), font=font)
     return canvas
 
 
@@ -583,26 +582,42 @@ def write_robustness_outputs(
     return paths
 
 
+def write_rotation_series(out_dir: str | Path, series: Sequence[RotationSeries]) -> dict[str, Path]:
+    """What the original method drew, per core: `rotation/<slide>_<core>.png` (the segmentation at every
+    angle rotated back to 0°, one strip per core) and `rotation.csv` (one row per core and angle: scores
+    against 0° and that angle's biomarkers)."""
+    out = Path(out_dir)
+    folder = out / "rotation"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    several = len({x.model for x in series}) > 1
+    for s in series:
+        ident = _series_identity(s)
+        name = f"{ident['slide']}_{ident['core']}" + (f"_{s.model}" if several else "")
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        path = folder / f"{stem}.png"
+        save_png(path, series_strip(s))
+        paths[stem] = path
+    if series:
+        paths["table"] = write_csv(out / "rotation.csv", series_rows(series))
+    return paths
+
+
 # ------------------------------------------------------------------------------------------- many cores
 
 
 def run_experiment(
     sources: Sequence[Any],
     models: Sequence[ModelUnderTest],
-    options: SegmentOptions,
+    options: RunOptions,
     angles: Sequence[float],
     *,
-    backend: str = "auto",
-    mpp: float | None = None,
-    tissue_mpp: float = 8.0,
-    tissue_min_area_um2: float = 20000.0,
-    tma: bool | None = None,
-    core_diameter_um: float | None = None,
     cluster_models: Mapping[str, ClusterModel] | None = None,
     on_core: Callable[[str], None] | None = None,
     progress: ProgressCallback = no_progress,
 ) -> tuple[list[RotationSeries], list[CoreFailure]]:
-    """The protocol on every region of every source (`SlideSource`s, regions as `equiseg run` defines them).
+    """The protocol on every region of every source (`SlideSource`s), regions found as `equiseg run` finds
+    them (`options`: backend, mpp, tissue mask, TMA settings; `options.segment` for features and KMeans).
 
     A core that fails (no tissue, unreadable) becomes a :class:`CoreFailure`; the others go on.
     """
@@ -612,12 +627,13 @@ def run_experiment(
     series: list[RotationSeries] = []
     failures: list[CoreFailure] = []
     stride = max(m.extractor.stride for m in models)
+    seg = options.segment
     for source in sources:
         try:
-            with open_slide(source.path, backend=backend, mpp=source.mpp or mpp) as slide:
+            with open_slide(source.path, backend=options.backend, mpp=source.mpp or options.mpp) as slide:
                 found = slide_regions(slide, is_core=source.is_core, core_name=source.core or source.name,
-                                      tissue_mpp=tissue_mpp, min_tissue_area_um2=tissue_min_area_um2, tma=tma,
-                                      core_diameter_um=core_diameter_um)
+                                      tissue_mpp=options.tissue_mpp, min_tissue_area_um2=options.tissue_min_area_um2,
+                                      tma=options.tma, core_diameter_um=options.core_diameter_um)
                 if not found.areas:
                     failures.append(CoreFailure(source.slide, source.core or source.name,
                                                 f"{source.path}: no tissue found"))
@@ -628,10 +644,11 @@ def run_experiment(
                     identity = {"slide": source.slide, "region": area.name, "source_path": str(source.path),
                                 "case_id": source.case_id}
                     try:
-                        core = square_core(slide, area, options.target_mpp, tissue_mpp=tissue_mpp, stride=stride,
-                                           identity=identity)
-                        series.extend(rotation_series(core, models, options, angles, cluster_models=cluster_models,
-                                                      tissue_min_area_um2=tissue_min_area_um2, progress=progress))
+                        core = square_core(slide, area, seg.target_mpp, tissue_mpp=options.tissue_mpp,
+                                           stride=stride, identity=identity)
+                        series.extend(rotation_series(core, models, seg, angles, cluster_models=cluster_models,
+                                                      tissue_min_area_um2=options.tissue_min_area_um2,
+                                                      progress=progress))
                     except EquisegError as exc:
                         failures.append(CoreFailure(source.slide, area.name, " ".join(str(exc).split())))
         except EquisegError as exc:

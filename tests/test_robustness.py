@@ -102,11 +102,12 @@ def sre_series():  # type: ignore[no-untyped-def]
     """SRE features on a real core at 5 µm/px, angles 0/90/180/270/30 (fast: a 128 px square)."""
     from equiseg_wsi.inputs import collect_inputs
     from equiseg_wsi.robustness import default_models, run_experiment
+    from equiseg_wsi.runner import RunOptions
     from equiseg_wsi.segment import SegmentOptions
 
     sources = collect_inputs([CORE], mpp=0.499)
     sre = default_models(target_mpp=5.0, device="cpu")[:1]
-    options = SegmentOptions(target_mpp=5.0, halo=sre[0].extractor.recommended_halo, batch_size=1)
+    options = RunOptions(SegmentOptions(target_mpp=5.0, halo=sre[0].extractor.recommended_halo, batch_size=1))
     series, failures = run_experiment(sources, sre, options, [0, 90, 180, 270, 30])
     assert not failures
     return series[0]
