@@ -25,6 +25,7 @@ convolution (used by the SRE-ResNet at inference).
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -99,6 +100,8 @@ def _good_fft_size(n: int) -> int:
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: start fresh pools
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _worker_pool(n: int) -> ThreadPoolExecutor:
