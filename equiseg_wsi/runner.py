@@ -27,10 +27,9 @@ from equiseg_wsi.export.overlay import label_image, render_overlay, save_png
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.polygons import GridPlacement, label_map_to_polygons, tissue_outline
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.segment import Extractor, RegionSegmentation, SegmentOptions, region_areas, segment_region
+from equiseg_wsi.segment import Extractor, RegionSegmentation, SegmentOptions, segment_region, slide_regions
 from equiseg_wsi.slide import Slide, open_slide
-from equiseg_wsi.tissue import detect_tissue
-from equiseg_wsi.tma import TmaGrid, core_areas, dearray, export_dearray, is_tma
+from equiseg_wsi.tma import export_dearray
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +143,17 @@ def _segment_slide(
     result: SlideResult,
 ) -> None:
     t0 = time.perf_counter()
-    tissue = detect_tissue(slide, options.tissue_mpp)
+    found = slide_regions(slide, is_core=source.is_core, core_name=source.core or source.name,
+                          tissue_mpp=options.tissue_mpp, min_tissue_area_um2=options.tissue_min_area_um2,
+                          tma=options.tma, core_diameter_um=options.core_diameter_um)
+    grid, areas = found.grid, found.areas
     folder = _slide_dir(out_dir, source)
     outputs: list[Path] = []
-    grid: TmaGrid | None = None
-    if not source.is_core and options.tma is not False and (options.tma or is_tma(tissue)):
-        grid = dearray(tissue, core_diameter_um=options.core_diameter_um)
-        areas = core_areas(grid, tissue)
+    if grid is not None:
         outputs.extend(export_dearray(grid, slide, folder, case_ids=options.case_ids).values())
-    else:
-        areas = region_areas(tissue, source.is_core, source.core or source.name, options.tissue_min_area_um2)
     result.seconds["tissue"] = round(time.perf_counter() - t0, 3)
     if not areas:
-        raise NoTissueError(f"{source.path}: no tissue found (tissue fraction {tissue.tissue_fraction:.1%})")
+        raise NoTissueError(f"{source.path}: no tissue found (tissue fraction {found.tissue.tissue_fraction:.1%})")
     folder.mkdir(parents=True, exist_ok=True)
     offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
     seg_opts = options.segment
@@ -180,7 +177,7 @@ def _segment_slide(
                             case_id=options.case_ids.get(area.name, source.case_id))
         result.regions.append(compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um, identity))
         result.tissue_area_mm2 += float((seg.labels > 0).sum()) * seg.cell_um**2 / 1e6
-        features.extend(_region_features(source, seg, k, offset, options.simplify_cells))
+        features.extend(_region_annotations(source, seg, k, offset, options.simplify_cells))
         outputs.extend(_region_pictures(slide, folder, seg, k))
     if not result.regions:
         reasons = "; ".join(f"{k}: {v}" for k, v in result.failed_regions.items())
@@ -193,7 +190,7 @@ def _segment_slide(
     result.outputs = sorted(str(p.relative_to(out_dir)) for p in outputs)
 
 
-def _region_features(
+def _region_annotations(
     source: SlideSource, seg: RegionSegmentation, k: int, offset: tuple[int, int], simplify_cells: float
 ) -> list[dict[str, Any]]:
     """QuPath annotations: the region outline, then one classified MultiPolygon per cluster."""

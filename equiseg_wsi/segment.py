@@ -115,11 +115,11 @@ def slide_regions(
     region per tissue piece. One definition, so fit, run and robustness see the same regions."""
     from equiseg_wsi.tma import core_areas, dearray, is_tma
 
-    tissue = detect_tissue(slide, tissue_mpp, min_area_um2=min_tissue_area_um2)
+    tissue = detect_tissue(slide, tissue_mpp)  # debris removed; small pieces of a core image still count
     if not is_core and tma is not False and (tma or is_tma(tissue)):
         grid = dearray(tissue, core_diameter_um=core_diameter_um)
         return SlideRegions(tissue, grid, core_areas(grid, tissue))
-    return SlideRegions(tissue, None, region_areas(tissue, is_core, core_name))
+    return SlideRegions(tissue, None, region_areas(tissue, is_core, core_name, min_tissue_area_um2))
 
 
 def _only(tissue: TissueMap, region: TissueRegion) -> TissueMap:
