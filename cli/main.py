@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "inter": "equiseg_cli.original:inter",
     "intra": "equiseg_cli.original:intra",
     "preprocess": "equiseg_cli.preprocess:preprocess",
+    "pretrain": "equiseg_cli.pretrain:pretrain",
     "robustness": "equiseg_cli.robustness:robustness",
     "run": "equiseg_cli.run:run",
 }

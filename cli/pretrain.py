@@ -1,0 +1,145 @@
+"""`equiseg pretrain`: train the SRE-ResNet or its standard twin (self-supervised or supervised)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from equiseg_cli.options import backend_option, mpp_option, quiet_option
+from equiseg_wsi.pretrain import PretrainConfig, StepInfo
+from equiseg_wsi.pretrain import pretrain as run_pretrain
+
+_DEFAULT = PretrainConfig()
+
+
+def _region(text: str | None) -> tuple[float, float, float, float] | None:
+    if not text:
+        return None
+    try:
+        parts = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected X,Y,W,H in level-0 px, got {text!r}") from None
+    if len(parts) != 4:
+        raise click.BadParameter(f"expected X,Y,W,H in level-0 px, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if len(values) != 4 or min(values) < 1:
+        raise click.BadParameter(f"expected four positive channel counts, got {text!r}")
+    return values
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: model.pt (equiseg weights), checkpoint.pt, log.csv, epochs.csv, loss.png.")
+@click.option("--mode", type=click.Choice(["ssl", "supervised"]), default="ssl", show_default=True,
+              help="ssl: SimCLR on tiles sampled from the tissue of INPUT slides/images (no labels). supervised: "
+              "INPUT is one ROOT folder of ROOT/<class>/*.png|jpg|tif tiles (NCT-CRC-HE-100K layout).")
+@click.option("--arch", type=click.Choice(["sre", "standard"]), default="sre", show_default=True,
+              help="SRE-ResNet-18 (rotation-equivariant ring kernels) or its standard-convolution twin.")
+@click.option("--widths", default="64,128,256,512", show_default=True, metavar="W1,W2,W3,W4",
+              help="Channels per stage. The packaged models use the default (SRE-ResNet-18); smaller ones are for "
+              "quick experiments and tests.")
+@click.option("--tile", type=click.IntRange(min=16), default=_DEFAULT.tile, show_default=True,
+              help="Network input side in px (multiple of 8). Supervised tiles are resized to it.")
+@click.option("--mpp-range", nargs=2, type=click.FloatRange(min=0, min_open=True),
+              default=(_DEFAULT.mpp_min, _DEFAULT.mpp_max), show_default=True,
+              help="ssl: each view is read at a log-uniform resolution in this range, µm/px (the product runs "
+              "at 2.5).")
+@click.option("--region", default=None, metavar="X,Y,W,H",
+              help="ssl: read views only inside this level-0 rectangle of every input (px), e.g. to hold out "
+              "the rest for evaluation. Default: the whole image.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=_DEFAULT.batch_size, show_default=True,
+              help="Tiles per step (ssl: spots per step, each giving two views).")
+@click.option("--epochs", type=click.IntRange(min=1), default=_DEFAULT.epochs, show_default=True,
+              help="Epochs; a checkpoint is written after each.")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=_DEFAULT.steps_per_epoch,
+              show_default=True, help="ssl only: steps per epoch (supervised: one pass over the training tiles).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULT.lr, show_default=True,
+              help="Peak AdamW learning rate (linear warm-up, then cosine decay to 0).")
+@click.option("--warmup-steps", type=click.IntRange(min=1), default=_DEFAULT.warmup_steps, show_default=True,
+              help="Steps of linear learning-rate warm-up.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=_DEFAULT.temperature,
+              show_default=True, help="ssl: NT-Xent temperature.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=_DEFAULT.val_fraction, show_default=True,
+              help="supervised: share of each class held out for validation (seeded, stratified).")
+@click.option("--hed-sigma", type=click.FloatRange(min=0), default=_DEFAULT.hed_sigma, show_default=True,
+              help="Stain jitter: each of H, E, DAB scaled by 1±σ and shifted by ±σ (OD units).")
+@click.option("--blur-prob", type=click.FloatRange(0, 1), default=_DEFAULT.blur_prob, show_default=True,
+              help="Probability of a Gaussian blur (radius 0.1 to 1 px) per view.")
+@click.option("--rotate-augment/--no-rotate-augment", default=False, show_default=True,
+              help="Random 90° turns and flips. Unneeded for SRE (rotation-equivariant by construction, so "
+              "turned views add nothing); the default twin is trained without it to compare architectures.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation, data and augmentation.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+              help="Where to train; auto picks CUDA, then MPS, then CPU.")
+@click.option("--amp/--no-amp", default=None,
+              help="Mixed precision (bf16, or fp16 with loss scaling). Default: on for CUDA, off elsewhere.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's).")
+@click.option("--half-weights", is_flag=True, default=False,
+              help="Store model.pt in float16 (half the size; features equal to float32 within rounding).")
+@click.option("--resume", is_flag=True, default=False,
+              help="Continue from OUT/checkpoint.pt (same options); the continued losses equal an uninterrupted run.")
+@click.option("--stop-after-epoch", type=click.IntRange(min=1), default=None, hidden=True,
+              help="End after this epoch, leaving a resumable checkpoint (for tests).")
+@backend_option
+@mpp_option
+@quiet_option
+def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, widths: str, tile: int,
+             mpp_range: tuple[float, float], region: str | None, batch_size: int, epochs: int,
+             steps_per_epoch: int, lr: float, warmup_steps: int, temperature: float, val_fraction: float,
+             hed_sigma: float, blur_prob: float, rotate_augment: bool, seed: int, device: str, amp: bool | None,
+             threads: int | None, half_weights: bool, resume: bool, stop_after_epoch: int | None, backend: str,
+             mpp: float | None, quiet: bool) -> None:
+    """Train the feature model on INPUT... and write it in the equiseg weights format (use it with --weights).
+
+    \b
+    ssl:        equiseg pretrain --mode ssl slides/ -o runs/ssl
+    supervised: equiseg pretrain --mode supervised NCT-CRC-HE-100K/ -o runs/sup --tile 96
+    """
+    config = PretrainConfig(
+        mode=mode, arch=arch, widths=_widths(widths), tile=tile, mpp_min=mpp_range[0], mpp_max=mpp_range[1],
+        region=_region(region),
+        batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, warmup_steps=warmup_steps,
+        temperature=temperature, val_fraction=val_fraction, hed_sigma=hed_sigma, blur_prob=blur_prob,
+        rotate_augment=rotate_augment, seed=seed, save_dtype="float16" if half_weights else "float32",
+    )
+    show = not quiet and sys.stderr.isatty()
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(info: StepInfo) -> None:
+        if bar is not None:
+            bar.total = info.total_steps
+            bar.n = info.step
+            bar.set_postfix_str(f"epoch {info.epoch}/{info.epochs} loss {info.loss:.4f} lr {info.lr:.2e}")
+            bar.refresh()
+
+    try:
+        result = run_pretrain([str(p) for p in inputs], out_dir, config, device=device, amp=amp, resume=resume,
+                              backend=backend, mpp=mpp, stop_after_epoch=stop_after_epoch, threads=threads,
+                              on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    if quiet:
+        return
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+    if result.finished:
+        click.echo(f"{result.weights}: {config.arch} model after {result.epochs_done} epochs in "
+                   f"{result.seconds:.0f} s ({shown})")
+    else:
+        click.echo(f"{result.checkpoint}: stopped after epoch {result.epochs_done} of {config.epochs} ({shown}); "
+                   "continue with --resume")
