@@ -53,7 +53,10 @@ __all__ = [
     "PretrainConfig",
     "PretrainResult",
     "StepInfo",
+    "TrainingNet",
     "hed_to_rgb",
+    "nt_xent",
+    "predict_tiles",
     "pretrain",
     "rgb_to_hed",
     "scan_class_folder",
@@ -362,7 +365,7 @@ def _random_resized(rgb: np.ndarray, size: int, rng: np.random.Generator) -> np.
 # --------------------------------------------------------------------------------------------- model
 
 
-class _Trainee(nn.Module):
+class TrainingNet(nn.Module):
     """Backbone plus the training-only head (projection MLP for ssl; the backbone's fc for supervised)."""
 
     def __init__(self, backbone: ResNetFeatures, proj_dim: int, ssl: bool) -> None:
@@ -514,7 +517,7 @@ def _pretrain(
     backbone = build_model(spec, seed=config.seed)
     if config.arch == "sre":
         set_forward_path(backbone, config.forward_path)
-    net = _Trainee(backbone, config.proj_dim, ssl).to(dev)
+    net = TrainingNet(backbone, config.proj_dim, ssl).to(dev)
     if net.head is not None:
         g = torch.Generator().manual_seed(config.seed + 1)
         with torch.no_grad():
