@@ -24,7 +24,8 @@ from equiseg_wsi.robustness import DEFAULT_ANGLES
 @click.option("--models", nargs=2, type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               metavar="A.pth B.pth",
               help="Compare these two weight files. Default: the packaged SRE model and its standard-convolution "
-              "twin, both from the same seeded random initialisation (seed 0, untrained) until trained weights ship.")
+              "twin trained the same way; while trained weights are not installed for both, both are the same "
+              "seeded random initialisation (seed 0, labelled untrained).")
 @clustering_options
 @feature_options
 @mpp_option
@@ -58,7 +59,7 @@ def robustness(
     from equiseg_wsi.segment import SegmentOptions
 
     started = time.perf_counter()
-    if weights is not None and not models:
+    if weights is not None:
         raise click.UsageError("robustness compares two models: give them with --models A.pth B.pth, not --weights")
     angle_list = parse_angles(angles)
     sources = collect_inputs(inputs, mpp=mpp, exclude=out_dir)

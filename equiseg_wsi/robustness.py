@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from equiseg_wsi.biomarkers import biomarker_deltas, compute_biomarkers, write_csv
+from equiseg_wsi.biomarkers import IDENTITY_COLUMNS, biomarker_deltas, compute_biomarkers, write_csv
 from equiseg_wsi.cluster import ClusterModel
 from equiseg_wsi.errors import EquisegError, InputError
 from equiseg_wsi.export.atomic import atomic_path
@@ -168,27 +168,36 @@ def default_models(
     *, layer: str = "layer4", device: str = "auto", batch_size: int | None = None, target_mpp: float = 2.5,
     seed: int | None = None,
 ) -> list[ModelUnderTest]:
-    """The packaged SRE model and its standard-convolution twin.
+    """The packaged SRE-ResNet-18 and its standard-convolution twin, trained the same way.
 
-    No trained weights ship yet, so both are seeded random initialisations (same seed, same topology, same
-    scaling rule); their labels say so. The SRE one is exactly the model `equiseg run` uses by default.
+    When packaged trained weights are installed for BOTH kinds they are used; otherwise both models are the
+    seeded random initialisation (same seed, same topology, same scaling rule), so the comparison is never
+    a trained model against an untrained one. The labels say which.
     """
-    from equiseg_wsi.features import DEFAULT_MODEL_SEED, FeatureExtractor, build_extractor
+    from equiseg_wsi.features import DEFAULT_MODEL_SEED, FeatureExtractor, resolve_device
+    from equiseg_wsi.models import weights as weights_module
     from equiseg_wsi.models.resnet import ArchSpec
 
     seed = DEFAULT_MODEL_SEED if seed is None else int(seed)
-    sre, sre_id = build_extractor(None, layer=layer, device=device, batch_size=batch_size, target_mpp=target_mpp)
+    has_default = getattr(weights_module, "has_default_weights", None)  # packaged trained models, when shipped
+    trained = has_default is not None and all(has_default(kind) for kind in ("sre", "standard"))
     layers = [n.strip() for n in layer.split("+") if n.strip()]
-    twin = FeatureExtractor.from_weights(
-        None, seed=seed, arch=ArchSpec(kind="standard"), layer=layers if len(layers) > 1 else layers[0],
-        device=device, batch_size=sre.batch_size,
-    )
-    twin_id = {**twin.identity(), "target_mpp": float(target_mpp)}
-    return [
-        ModelUnderTest("sre", f"SRE-ResNet-18, random init seed={seed} (untrained)", sre, sre_id),
-        ModelUnderTest("standard", f"standard-conv ResNet-18 twin, random init seed={seed} (untrained)", twin,
-                       twin_id),
-    ]
+    if batch_size is None:  # as build_extractor: one tile at a time on CPU
+        batch_size = 1 if resolve_device(device).type == "cpu" else 16
+    out = []
+    for kind, title in (("sre", "SRE-ResNet-18"), ("standard", "standard-conv ResNet-18 twin")):
+        if trained:
+            loaded = weights_module.load_weights(weights_module.default_weights(kind), arch=ArchSpec(kind=kind))
+        else:
+            loaded = weights_module.random_model(ArchSpec(kind=kind), seed=seed)
+        extractor = FeatureExtractor(loaded, layers=layers if len(layers) > 1 else layers[0], device=device,
+                                     batch_size=batch_size)
+        identity = {**extractor.identity(), "target_mpp": float(target_mpp)}
+        source = str(identity.get("source", ""))
+        how = (f"random init seed={seed} (untrained)" if source.startswith("random-init")
+               else f"packaged trained weights ({source[:19]})")
+        out.append(ModelUnderTest(kind, f"{title}, {how}", extractor, identity))
+    return out
 
 
 def weight_file_models(
@@ -392,7 +401,8 @@ def long_rows(series: Sequence[RotationSeries]) -> list[dict[str, Any]]:
     rows = []
     for s in series:
         ref = s.angles[0].biomarkers
-        numeric = [k for k, v in ref.items() if isinstance(v, float) and k not in ("cell_size_um",)]
+        numeric = [k for k, v in ref.items() if k not in _NOT_MEASURED and isinstance(v, (int, float))
+                   and not isinstance(v, bool)]
         for a in s.angles:
             base = {**_series_identity(s), "angle_deg": float(a.angle), "angle_group": _angle_group(a.angle)}
             for k in ("n_shared", *METRICS):
@@ -400,6 +410,9 @@ def long_rows(series: Sequence[RotationSeries]) -> list[dict[str, Any]]:
             for k in numeric:
                 rows.append({**base, "metric": f"delta:{k}", "value": float(a.biomarkers[k]) - float(ref[k])})
     return rows
+
+
+_NOT_MEASURED = frozenset((*IDENTITY_COLUMNS, "n_clusters", "cell_size_um"))
 
 
 def _composition(k: int) -> list[str]:

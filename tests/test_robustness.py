@@ -150,7 +150,8 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     assert float(sre90[0]["value"]) >= 0.999
     summary = {(r["model"], r["statistic"], r["angles"]): r for r in csv.DictReader(open(out / "summary.csv"))}
     assert ("standard", "mean_dice", "off-grid") in summary and ("sre", "cv:composition", "all") in summary
-    assert "untrained" in summary[("standard", "mean_dice", "off-grid")]["model_label"]
+    label = summary[("standard", "mean_dice", "off-grid")]["model_label"]
+    assert "standard" in label and ("random init" in label or "trained weights" in label)
 
 
 def test_cli_rejects_bad_angles(tmp_path: Path) -> None:
