@@ -16,8 +16,16 @@ from typing import Any
 
 import click
 
-from equiseg_cli.fit import min_area_option, progress_bars, region_options, run_options
-from equiseg_cli.options import backend_option, feature_options, mpp_option, quiet_option
+from equiseg_cli.options import (
+    backend_option,
+    feature_options,
+    min_area_option,
+    mpp_option,
+    progress_bars,
+    quiet_option,
+    region_options,
+    run_options,
+)
 from equiseg_wsi.robustness import DEFAULT_ANGLES
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)

@@ -9,8 +9,15 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from equiseg_cli.fit import clustering_options, min_area_option, region_options
-from equiseg_cli.options import backend_option, feature_options, mpp_option, quiet_option
+from equiseg_cli.options import (
+    backend_option,
+    clustering_options,
+    feature_options,
+    min_area_option,
+    mpp_option,
+    quiet_option,
+    region_options,
+)
 from equiseg_wsi.robustness import DEFAULT_ANGLES
 
 

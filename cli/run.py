@@ -5,16 +5,25 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
-from equiseg_cli.options import backend_option, feature_options, mpp_option, quiet_option
+from equiseg_cli.options import (
+    backend_option,
+    clustering_options,
+    feature_options,
+    min_area_option,
+    mpp_option,
+    quiet_option,
+    region_options,
+    run_options,
+)
 from equiseg_wsi.cluster import ClusterModel
 from equiseg_wsi.inputs import collect_inputs
-from equiseg_wsi.runner import RunOptions, check_writable, run_slides, write_run_outputs
-from equiseg_wsi.segment import SegmentOptions
+from equiseg_wsi.runner import check_writable, run_slides, write_run_outputs
 from equiseg_wsi.tma import read_case_ids
 
 
@@ -22,36 +31,20 @@ from equiseg_wsi.tma import read_case_ids
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: OUT/<slide>/ per slide, OUT/biomarkers.csv and OUT/manifest.json.")
-@click.option("--n-clusters", type=click.IntRange(2, 20), default=3, show_default=True,
-              help="K, the number of KMeans clusters (segments) per region.")
-@click.option("--n-samples", type=click.IntRange(min=10), default=2000, show_default=True,
-              help="Tissue positions (feature cells) sampled per region to fit KMeans.")
-@click.option("--seed", type=int, default=42, show_default=True,
-              help="Seed of the tissue-position sampling and of KMeans.")
+@clustering_options
 @click.option("--kmeans-model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Apply this saved cohort model (from `equiseg fit`) instead of fitting KMeans per region.")
 @feature_options
 @mpp_option
 @backend_option
-@click.option("--tile-size", type=click.IntRange(min=64), default=512, show_default=True,
-              help="Tile interior in pixels at --target-mpp (multiple of 8); larger tiles need more memory.")
-@click.option("--min-area", type=click.FloatRange(min=0), default=2000.0, show_default=True,
-              help="Smallest segment kept, in µm²; smaller pieces join the neighbouring segment.")
-@click.option("--tissue-mpp", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
-              help="Resolution of the tissue mask, in µm/px.")
-@click.option("--min-tissue-area", type=click.FloatRange(min=0), default=20000.0, show_default=True,
-              help="Smallest tissue piece processed as a region of a whole slide, in µm² (debris is ignored).")
+@region_options
+@min_area_option
 @click.option("--simplify", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Polygon simplification tolerance, in feature cells (8 px at --target-mpp). 0 keeps the exact "
               "cell edges (areas equal the label map's); about 1 smooths cluster borders with ~30% fewer vertices, "
               "never opening gaps between neighbours.")
 @click.option("--bounds-offset/--no-bounds-offset", default=True, show_default=True,
               help="Subtract OpenSlide's bounds-x/-y from exported coordinates, as QuPath crops MRXS slides there.")
-@click.option("--tma/--no-tma", default=None,
-              help="Treat whole slides as TMAs (dearray the core grid, one region per core named like QuPath, "
-              "A-1) or never. Default: detect TMA slides automatically.")
-@click.option("--core-diameter", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="TMA core diameter in µm. Default: estimated from the slide.")
 @click.option("--case-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV mapping TMA core names (A-1, ...) to case ids; they land in biomarkers.csv and the .qptma.")
 @click.option("--overwrite/--resume", default=False, show_default=True,
@@ -91,15 +84,14 @@ def run(
     if kmeans_model is not None:
         model = ClusterModel.load(kmeans_model)
         model.check_compatible(identity)
-    options = RunOptions(
-        segment=SegmentOptions(
-            n_clusters=model.k if model is not None else n_clusters, n_samples=n_samples, seed=seed,
-            target_mpp=target_mpp, tile_size=tile_size, halo=halo if halo is not None else extractor.recommended_halo,
-            batch_size=extractor.batch_size, min_segment_um2=min_area,
+    options = replace(
+        run_options(
+            extractor, n_clusters=model.k if model is not None else n_clusters, n_samples=n_samples, seed=seed,
+            target_mpp=target_mpp, halo=halo, tile_size=tile_size, min_area=min_area, mpp=mpp, backend=backend,
+            tissue_mpp=tissue_mpp, min_tissue_area=min_tissue_area, tma=tma, core_diameter=core_diameter,
         ),
-        backend=backend, mpp=mpp, tissue_mpp=tissue_mpp, tissue_min_area_um2=min_tissue_area,
-        simplify_cells=simplify, apply_bounds_offset=bounds_offset, overwrite=overwrite, tma=tma,
-        core_diameter_um=core_diameter, case_ids=read_case_ids(case_ids) if case_ids else {},
+        simplify_cells=simplify, apply_bounds_offset=bounds_offset, overwrite=overwrite,
+        case_ids=read_case_ids(case_ids) if case_ids else {},
     )
     show = not quiet and sys.stderr.isatty()
     slides_bar = tqdm(total=len(sources), desc="slides", unit="slide", disable=not show, position=0)
