@@ -13,7 +13,9 @@ Three measures, per image and model (K = 3, same KMeans options for all):
 1. rotation robustness: the protocol of ``equiseg_wsi.robustness`` (padded square, rotate, frozen 0° KMeans,
    labels rotated back, scored on shared tissue) at off-grid angles; mean pixel agreement, Dice and ARI;
 2. spatial coherence of the 0° segmentation: boundary length between different clusters per tissue area
-   (mm per mm²) and connected fragments per mm² (lower = more coherent segments);
+   (mm per mm²) and connected fragments per mm² (lower = more coherent segments), on the raw KMeans labels
+   and after the product's default clean-up (segments < 2000 µm² merged into their neighbours, as
+   ``equiseg run`` does);
 3. agreement with stain structure: normalised mutual information between the clusters and a
    haematoxylin / eosin / background labelling of the same cells from Ruifrok-Johnston colour
    deconvolution (per pixel: background where the optical density is low, else the stain whose amount,
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from equiseg_wsi.features import FeatureExtractor  # noqa: E402
 from equiseg_wsi.models.resnet import ArchSpec  # noqa: E402
+from equiseg_wsi.polygons import remove_small_segments  # noqa: E402
 from equiseg_wsi.pretrain import rgb_to_hed  # noqa: E402
 from equiseg_wsi.robustness import (  # noqa: E402
     ModelUnderTest,
@@ -54,6 +57,7 @@ from equiseg_wsi.tissue import detect_tissue  # noqa: E402
 
 HELD_OUT_Y0 = 1800  # level-0 row where the held-out part of the CC0 region starts (training ended at 1780)
 ANGLES = (0.0, 20.0, 45.0, 70.0, 90.0, 135.0, 200.0, 290.0)
+MIN_SEGMENT_UM2 = SegmentOptions().min_segment_um2  # the product's default clean-up
 BACKGROUND_OD = 0.3  # summed RGB optical density below which a pixel counts as background (bright)
 
 
@@ -103,6 +107,8 @@ def summarise(s: RotationSeries) -> dict[str, float]:
     stains = stain_labels(s.core.rgb, cell)
     tissue = ref.labels > 0
     boundary, fragments = coherence(ref.labels, s.cell_um)
+    min_cells = int(np.ceil(MIN_SEGMENT_UM2 / s.cell_um**2))
+    boundary_c, fragments_c = coherence(remove_small_segments(ref.labels, min_cells), s.cell_um)
     return {
         "agree_off": float(np.mean([a.metrics["pixel_agreement"] for a in off])),
         "dice_off": float(np.mean([a.metrics["mean_dice"] for a in off])),
@@ -110,6 +116,8 @@ def summarise(s: RotationSeries) -> dict[str, float]:
         "agree_90": float(np.mean([a.metrics["pixel_agreement"] for a in quarter])) if quarter else float("nan"),
         "boundary_mm_per_mm2": boundary,
         "fragments_per_mm2": fragments,
+        "boundary_clean": boundary_c,
+        "fragments_clean": fragments_c,
         "nmi_stain": float(normalized_mutual_info_score(stains[tissue], ref.labels[tissue])),
     }
 
@@ -129,27 +137,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trained", default=None, help="trained SRE weights (default: the packaged model)")
     ap.add_argument("--twin", default=None, help="trained standard-twin weights (optional)")
-    ap.add_argument("--only", default=None, help="evaluate only images whose name starts with this")
+    ap.add_argument("--only", default=None, help="evaluate only images whose name starts with one of these (a,b)")
+    ap.add_argument("--models", default=None, help="only these models (e.g. std-trained,std-random)")
     args = ap.parse_args()
-    cols = ("agree_off", "dice_off", "ari_off", "agree_90", "boundary_mm_per_mm2", "fragments_per_mm2", "nmi_stain")
-    print(f"{'image':16s} {'model':12s} " + " ".join(f"{c:>19s}" for c in cols) + "  seconds")
+    cols = ("agree_off", "dice_off", "ari_off", "agree_90", "boundary_mm_per_mm2", "fragments_per_mm2",
+            "boundary_clean", "fragments_clean", "nmi_stain")
+    print(f"{'image':16s} {'model':12s} " + " ".join(f"{c[:14]:>14s}" for c in cols) + "  seconds")
     results: dict[tuple[str, str], dict[str, float]] = {}
     for name, slide, mpp in held_out_images():
-        if args.only and not name.startswith(args.only):
+        if args.only and not any(name.startswith(p) for p in args.only.split(",")):
             continue
         tissue = detect_tissue(slide, 8.0, min_area_um2=2000.0)
         area = RegionArea(name, (0.0, 0.0, float(slide.width), float(slide.height)), tissue)
         core = square_core(slide, area, mpp, tissue_mpp=8.0)
         opts = SegmentOptions(target_mpp=mpp, tile_size=256, halo=64, batch_size=1, min_segment_um2=0.0)
         for m in models(args.trained, args.twin, mpp):
+            if args.models and m.name not in args.models.split(","):
+                continue
             t0 = time.perf_counter()
             series = rotation_series(core, [m], opts, ANGLES, tissue_min_area_um2=2000.0)[0]
             row = summarise(series)
             results[(name, m.name)] = row
-            print(f"{name:16s} {m.name:12s} " + " ".join(f"{row[c]:19.4f}" for c in cols)
+            print(f"{name:16s} {m.name:12s} " + " ".join(f"{row[c]:14.4f}" for c in cols)
                   + f"  {time.perf_counter() - t0:7.1f}", flush=True)
     better = {"agree_off": 1, "dice_off": 1, "ari_off": 1, "boundary_mm_per_mm2": -1, "fragments_per_mm2": -1,
-              "nmi_stain": 1}
+              "boundary_clean": -1, "fragments_clean": -1, "nmi_stain": 1}
     print("\ntrained better than random (per image; rotation = mean of agreement/Dice/ARI at off-grid angles):")
     for name in dict.fromkeys(k[0] for k in results):
         for prefix in ("sre", "std"):
@@ -159,7 +171,9 @@ def main() -> None:
             wins = {c: (t[c] - r[c]) * s > 0 for c, s in better.items()}
             rot = np.mean([t[c] - r[c] for c in ("agree_off", "dice_off", "ari_off")]) > 0
             coh = wins["boundary_mm_per_mm2"] and wins["fragments_per_mm2"]
-            print(f"  {name:16s} {prefix}: rotation {rot}, coherence {coh}, stain NMI {wins['nmi_stain']}")
+            coh_c = wins["boundary_clean"] and wins["fragments_clean"]
+            print(f"  {name:16s} {prefix}: rotation {rot}, coherence raw {coh} / cleaned {coh_c}, "
+                  f"stain NMI {wins['nmi_stain']}")
 
 
 if __name__ == "__main__":

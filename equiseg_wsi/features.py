@@ -1,7 +1,8 @@
 """Dense per-cell features from RGB tiles: batched, device-aware, with halo cropping.
 
-``FeatureExtractor.from_weights(None | path, seed=..., layer=..., device=..., batch_size=...)`` builds an
-extractor; ``extract(tiles, halo=...)`` returns float32 ``[B, h, w, C]`` for the tile interiors.
+``FeatureExtractor.from_weights(None | "random" | path, seed=..., layer=..., device=..., batch_size=...)``
+builds an extractor (None: the packaged trained model; "random": the seeded random initialisation);
+``extract(tiles, halo=...)`` returns float32 ``[B, h, w, C]`` for the tile interiors.
 
 Halo: a tile that carries ``halo`` pixels of context on each side returns only its interior cells, so zero
 padding at tile borders does not reach the output.  Measured on real H&E (CMU-1-Small-Region reduced 4x to
@@ -29,7 +30,10 @@ from .models.resnet import ArchSpec, ResNetFeatures
 from .models.weights import (
     DEFAULT_LAYER,
     DEFAULT_NORMALIZATION,
+    RANDOM_INIT,
     LoadedModel,
+    default_weights,
+    has_default_weights,
     identity_hash,
     load_weights,
     model_identity,
@@ -121,6 +125,7 @@ class FeatureExtractor:
         weights: str | os.PathLike[str] | None = None,
         *,
         seed: int = 0,
+        random_init: bool = False,
         arch: ArchSpec | None = None,
         layer: str | Sequence[str] | None = None,
         device: str | torch.device = "auto",
@@ -128,10 +133,23 @@ class FeatureExtractor:
         mixed_precision: bool | None = None,
         channels_last: bool | None = None,
     ) -> FeatureExtractor:
-        """Build from a weights file (reference or project format) or, with ``weights=None``, a seeded
-        random initialisation of ``arch`` (default SRE-ResNet-18), labelled "random-init seed=N"."""
-        if weights is None:
-            loaded = random_model(arch or ArchSpec(), seed=seed)
+        """Build from a weights file (reference or project format), the packaged model, or a random init.
+
+        ``weights=None``: the packaged trained model of ``arch``'s kind (default SRE-ResNet-18; see
+        docs/model_card.md) when one is installed for exactly that architecture; any other architecture
+        (e.g. reduced widths in tests, or the standard twin when its file is not installed) gets the seeded
+        random initialisation. ``weights="random"`` or ``random_init=True``: always the seeded random
+        initialisation of ``arch``. Either way the identity's source says which ("sha256:..." or
+        "random-init seed=N").
+        """
+        spec = arch or ArchSpec()
+        if random_init or (isinstance(weights, str) and weights == RANDOM_INIT):
+            loaded = random_model(spec, seed=seed)
+        elif weights is None:
+            if spec == ArchSpec(kind=spec.kind) and has_default_weights(spec.kind):
+                loaded = load_weights(default_weights(spec.kind), arch=spec)
+            else:
+                loaded = random_model(spec, seed=seed)
         else:
             loaded = load_weights(Path(weights), arch=arch)
         return cls(loaded, layers=layer, device=device, batch_size=batch_size,
@@ -242,7 +260,7 @@ class FeatureExtractor:
 
 
 DEFAULT_MODEL_SEED = 0
-"""Seed of the default model while no trained weights ship: SRE-ResNet-18, random init, seed 0."""
+"""Seed of the random initialisation reached with ``weights="random"`` (SRE-ResNet-18, seed 0)."""
 
 
 def build_extractor(
@@ -255,6 +273,7 @@ def build_extractor(
 ) -> tuple[FeatureExtractor, dict[str, Any]]:
     """The extractor every command uses, and the feature identity that cluster models are checked against.
 
+    `weights`: a file, None for the packaged trained SRE model, or "random" for the seeded random init.
     `layer` may join several layers with '+'. The identity adds the resolution the model sees, because
     features of the same model at another µm/px are not comparable.
     """

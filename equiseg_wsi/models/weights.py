@@ -33,6 +33,9 @@ __all__ = [
     "DEFAULT_LAYER",
     "DEFAULT_NORMALIZATION",
     "LoadedModel",
+    "RANDOM_INIT",
+    "default_weights",
+    "has_default_weights",
     "identity_hash",
     "infer_arch",
     "load_weights",
@@ -46,6 +49,16 @@ DEFAULT_LAYER = "layer4"
 # The reference models were trained on inputs scaled to [-1, 1]: (x/255 - 0.5) / 0.5.
 DEFAULT_NORMALIZATION: dict[str, list[float]] = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 _IGNORED_SUFFIXES = ("weight_index_mat",)
+RANDOM_INIT = "random"
+"""Pass as ``weights`` to get the seeded random initialisation instead of the packaged trained model."""
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# The packaged models (docs/model_card.md): SimCLR-trained on the top 60 % of the CC0 region (float32).
+DEFAULT_WEIGHT_FILES = {"sre": "default_sre.pt", "standard": "default_standard.pt"}
+RETRAIN_COMMAND = (
+    "equiseg pretrain --mode ssl sample_data/CMU-1-Small-Region.svs --region 0,0,2220,1780 --arch {kind} "
+    "--tile 48 --batch-size 16 --epochs 10 --steps-per-epoch 20 --device cpu -o OUT "
+    "(then copy OUT/model.pt to {path})"
+)
 _MAX_LISTED = 5
 
 
@@ -223,6 +236,27 @@ def load_weights(path: str | os.PathLike[str], arch: ArchSpec | None = None) -> 
     model.eval()
     return LoadedModel(model=model, arch=file_arch, normalization=normalization, layer=layer,
                        source=f"sha256:{_sha256_file(p)}", provenance=provenance, training=training)
+
+
+def default_weights(kind: str = "sre") -> Path:
+    """Path of the packaged trained model of ``kind`` ("sre", or "standard" for the twin).
+
+    The SRE model ships with the package. The standard twin (34.8 M parameters, 70 MB even in float16) is too
+    large for the package; it is used when someone has placed it in the package's data folder, and otherwise
+    this raises WeightsError with the exact (deterministic) command that trains it.
+    """
+    if kind not in DEFAULT_WEIGHT_FILES:
+        raise WeightsError(f"no default model for kind {kind!r}; choose from {sorted(DEFAULT_WEIGHT_FILES)}")
+    path = DATA_DIR / DEFAULT_WEIGHT_FILES[kind]
+    if not path.is_file():
+        raise WeightsError(f"{path}: the default {kind} model is not installed; train it with: "
+                           + RETRAIN_COMMAND.format(kind=kind, path=path))
+    return path
+
+
+def has_default_weights(kind: str = "sre") -> bool:
+    """True when :func:`default_weights` would find the packaged model of ``kind``."""
+    return kind in DEFAULT_WEIGHT_FILES and (DATA_DIR / DEFAULT_WEIGHT_FILES[kind]).is_file()
 
 
 def random_model(arch: ArchSpec | None = None, seed: int = 0) -> LoadedModel:

@@ -1,0 +1,155 @@
+"""equiseg pretrain: both modes end to end on tiny real H&E, exact resume, the shipped default model, rot90."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from equiseg_cli.main import cli
+from equiseg_wsi.errors import InputError
+from equiseg_wsi.features import FeatureExtractor, build_extractor
+from equiseg_wsi.models.resnet import ArchSpec
+from equiseg_wsi.models.weights import default_weights, load_weights
+from equiseg_wsi.pretrain import PretrainConfig, hed_to_rgb, predict_tiles, pretrain, rgb_to_hed
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+CMU = ROOT / "sample_data" / "CMU-1-Small-Region.svs"
+TINY = "8,16,32,64"
+
+
+@pytest.fixture(scope="module")
+def cmu_crop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 600 x 600 px crop of the CC0 region's tissue (0.499 µm/px) as a PNG: tiny real ssl data."""
+    from equiseg_wsi.slide import open_slide
+
+    with open_slide(CMU) as s:
+        rgb = s.read_region(700, 700, 600, 600, s.mpp)
+    path = tmp_path_factory.mktemp("ssl") / "cmu_crop.png"
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def class_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ROOT/<class>/*.png with real crops of two visually different tissues: skin (CC0) and colon (CC BY)."""
+    from equiseg_wsi.slide import open_slide
+
+    root = tmp_path_factory.mktemp("classes")
+    (root / "colon").mkdir()
+    (root / "skin").mkdir()
+    crc = tifffile.imread(DATA / "CRC-VAL-HE-7K-NORM-TCGA-YLVCMEHK.tif")[..., :3]
+    for i, (y, x) in enumerate([(0, 0), (0, 112), (112, 0), (112, 112), (56, 56), (0, 56)]):
+        Image.fromarray(np.ascontiguousarray(crc[y : y + 112, x : x + 112])).save(root / "colon" / f"c{i}.png")
+    with open_slide(CMU) as s:
+        for i, (x, y) in enumerate([(800, 800), (1000, 900), (1200, 1000), (900, 1300), (1300, 1400), (1100, 600)]):
+            Image.fromarray(s.read_region(x, y, 224, 224, s.mpp)).save(root / "skin" / f"s{i}.png")
+    return root
+
+
+def _losses(path: Path) -> list[float]:
+    return [float(r["loss"]) for r in csv.DictReader(open(path))]
+
+
+def test_ssl_cli_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ssl"
+    res = CliRunner().invoke(cli, ["pretrain", "--mode", "ssl", str(cmu_crop), "--mpp", "0.499", "-o", str(out),
+                                   "--widths", TINY, "--tile", "32", "--batch-size", "4", "--epochs", "2",
+                                   "--steps-per-epoch", "2", "--device", "cpu", "--threads", "1",
+                                   "--mpp-range", "1.0", "2.0"])
+    assert res.exit_code == 0, res.output
+    for name in ("model.pt", "checkpoint.pt", "log.csv", "epochs.csv", "loss.png"):
+        assert (out / name).is_file(), name
+    assert len(_losses(out / "log.csv")) == 4
+    loaded = load_weights(out / "model.pt")
+    assert loaded.arch == ArchSpec(widths=(8, 16, 32, 64))
+    assert loaded.normalization == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert loaded.training["options"]["mode"] == "ssl"
+    assert loaded.training["data"]["inputs"][0]["name"] == "cmu_crop.png"
+    assert "mean_loss" in loaded.training["final_metrics"] and loaded.provenance["created_by"].startswith("equiseg")
+    # the trained file works as --weights of the feature extractor
+    ex = FeatureExtractor.from_weights(out / "model.pt", device="cpu")
+    assert ex.extract(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 4, 4, 64)
+
+
+def test_resume_gives_identical_losses(cmu_crop: Path, tmp_path: Path) -> None:
+    cfg = PretrainConfig(widths=(8, 16, 32, 64), tile=32, batch_size=4, epochs=3, steps_per_epoch=2, seed=3)
+    full = pretrain([cmu_crop], tmp_path / "full", cfg, device="cpu", mpp=0.499, threads=1)
+    part = pretrain([cmu_crop], tmp_path / "part", cfg, device="cpu", mpp=0.499, threads=1, stop_after_epoch=1)
+    assert not part.finished and not (tmp_path / "part" / "model.pt").exists()
+    with pytest.raises(InputError, match="other options"):
+        pretrain([cmu_crop], tmp_path / "part", PretrainConfig(**{**cfg.__dict__, "lr": 0.5}), device="cpu",
+                 mpp=0.499, resume=True, threads=1)
+    done = pretrain([cmu_crop], tmp_path / "part", cfg, device="cpu", mpp=0.499, threads=1, resume=True)
+    assert done.finished
+    assert _losses(tmp_path / "part" / "log.csv") == _losses(tmp_path / "full" / "log.csv")
+    a, b = load_weights(full.weights).model.state_dict(), load_weights(done.weights).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_supervised_end_to_end_and_rot90_invariant_predictions(class_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sup"
+    res = CliRunner().invoke(cli, ["pretrain", "--mode", "supervised", str(class_root), "-o", str(out),
+                                   "--widths", TINY, "--tile", "32", "--batch-size", "4", "--epochs", "3",
+                                   "--device", "cpu", "--threads", "1", "--val-fraction", "0.34", "--lr", "0.003"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "epochs.csv")))
+    assert len(rows) == 3 and {"val_acc", "val_acc_rot90", "val_acc_rot180", "val_acc_rot270"} <= set(rows[0])
+    assert all(float(r["val_rot_agreement"]) == 1.0 for r in rows)
+    loaded = load_weights(out / "model.pt")
+    assert loaded.arch.num_classes == 2 and loaded.training["classes"] == ["colon", "skin"]
+    assert loaded.training["data"]["val_tiles"] == {"colon": 2, "skin": 2}
+    # any 90° multiple of any tile: same prediction (the SRE model is exactly rot90-equivariant)
+    files = sorted(class_root.rglob("*.png"))
+    tiles = np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32), Image.Resampling.BOX)) for f in files])
+    base = predict_tiles(loaded.model, tiles)
+    for k in (1, 2, 3):
+        turned = np.ascontiguousarray(np.rot90(tiles, k, axes=(1, 2)))
+        np.testing.assert_array_equal(predict_tiles(loaded.model, turned), base)
+    # and with the logits, not only the argmax
+    with torch.no_grad():
+        x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = loaded.model(x)
+        y90 = loaded.model(torch.rot90(x, 1, dims=(2, 3)))
+    torch.testing.assert_close(y90, y, rtol=1e-4, atol=1e-4)
+
+
+def test_supervised_needs_class_folders(tmp_path: Path) -> None:
+    (tmp_path / "only").mkdir()
+    with pytest.raises(InputError, match="class folders"):
+        pretrain([tmp_path], tmp_path / "o", PretrainConfig(mode="supervised", widths=(8, 16, 32, 64)), device="cpu")
+
+
+def test_hed_round_trip() -> None:
+    rgb = np.random.default_rng(0).integers(1, 256, (16, 16, 3)).astype(np.float64)
+    np.testing.assert_allclose(hed_to_rgb(rgb_to_hed(rgb)), rgb, atol=1e-6)
+    h, e, _ = rgb_to_hed(np.array([[60.0, 40.0, 140.0]]))[0]  # haematoxylin blue-purple
+    h2, e2, _ = rgb_to_hed(np.array([[230.0, 120.0, 180.0]]))[0]  # eosin pink
+    assert h > e and e2 > h2
+
+
+def test_shipped_default_model_is_the_default() -> None:
+    path = default_weights("sre")
+    assert path.is_file() and path.stat().st_size < 20e6
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    ex = FeatureExtractor.from_weights(None, device="cpu")
+    assert ex.identity()["source"] == f"sha256:{digest}"
+    _, identity = build_extractor(None, device="cpu", target_mpp=2.5)
+    assert identity["source"] == f"sha256:{digest}"
+    _, random_identity = build_extractor("random", device="cpu", target_mpp=2.5)
+    assert random_identity["source"] == "random-init seed=0"
+    explicit = FeatureExtractor.from_weights(None, random_init=True, device="cpu")
+    assert explicit.identity()["source"] == "random-init seed=0"
+    loaded = load_weights(path)
+    assert loaded.arch == ArchSpec() and loaded.training["options"]["mode"] == "ssl"
+    assert loaded.training["options"]["region"] == [0, 0, 2220, 1780]  # the held-out rows stay unseen
+    card = (ROOT / "docs" / "model_card.md").read_text()
+    assert digest in card and "default_sre.pt" in card and "equiseg pretrain" in card
