@@ -179,8 +179,7 @@ def default_models(
     from equiseg_wsi.models.resnet import ArchSpec
 
     seed = DEFAULT_MODEL_SEED if seed is None else int(seed)
-    has_default = getattr(weights_module, "has_default_weights", None)  # packaged trained models, when shipped
-    trained = has_default is not None and all(has_default(kind) for kind in ("sre", "standard"))
+    trained = all(weights_module.has_default_weights(kind) for kind in ("sre", "standard"))
     layers = [n.strip() for n in layer.split("+") if n.strip()]
     if batch_size is None:  # as build_extractor: one tile at a time on CPU
         batch_size = 1 if resolve_device(device).type == "cpu" else 16
