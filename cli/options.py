@@ -129,12 +129,13 @@ def region_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def progress_bars(quiet: bool, what: str) -> tuple[Callable[[str], None], Callable[[int, int, str], None],
-                                                    Callable[[], None]]:
-    """tqdm bars (off with --quiet or when stderr is not a terminal): one per core/region, one for its tiles."""
+def progress_bars(
+    quiet: bool, what: str, unit: str = "region", inner_what: str = "tiles", inner_unit: str = "tile"
+) -> tuple[Callable[[str], None], Callable[[int, int, str], None], Callable[[], None]]:
+    """tqdm bars (off with --quiet or when stderr is not a terminal): one per core/region, one for its work."""
     show = not quiet and sys.stderr.isatty()
-    outer = tqdm(desc=what, unit="region", disable=not show, position=0)
-    inner = tqdm(desc="tiles", unit="tile", disable=not show, position=1, leave=False)
+    outer = tqdm(desc=what, unit=unit, disable=not show, position=0)
+    inner = tqdm(desc=inner_what, unit=inner_unit, disable=not show, position=1, leave=False)
     seen: list[str] = []
 
     def on_region(name: str) -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from equiseg_cli.options import (
     backend_option,
@@ -15,8 +13,10 @@ from equiseg_cli.options import (
     feature_options,
     min_area_option,
     mpp_option,
+    progress_bars,
     quiet_option,
     region_options,
+    run_options,
 )
 from equiseg_wsi.robustness import DEFAULT_ANGLES
 
@@ -62,8 +62,6 @@ def robustness(
         weight_file_models,
         write_robustness_outputs,
     )
-    from equiseg_wsi.runner import RunOptions
-    from equiseg_wsi.segment import SegmentOptions
 
     started = time.perf_counter()
     if weights is not None:
@@ -72,37 +70,14 @@ def robustness(
     sources = collect_inputs(inputs, mpp=mpp, exclude=out_dir)
     common = {"layer": layer, "device": device, "batch_size": batch_size, "target_mpp": target_mpp}
     tested = weight_file_models(models, **common) if models else default_models(**common)
-    first = tested[0].extractor
-    options = RunOptions(
-        segment=SegmentOptions(
-            n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, tile_size=tile_size,
-            halo=halo if halo is not None else getattr(first, "recommended_halo", 96),
-            batch_size=getattr(first, "batch_size", 1), min_segment_um2=min_area,
-        ),
-        backend=backend, mpp=mpp, tissue_mpp=tissue_mpp, tissue_min_area_um2=min_tissue_area, tma=tma,
-        core_diameter_um=core_diameter,
+    options = run_options(
+        tested[0].extractor, n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, halo=halo,
+        tile_size=tile_size, min_area=min_area, mpp=mpp, backend=backend, tissue_mpp=tissue_mpp,
+        min_tissue_area=min_tissue_area, tma=tma, core_diameter=core_diameter,
     )
-    show = not quiet and sys.stderr.isatty()
-    cores_bar = tqdm(desc="cores", unit="core", disable=not show, position=0)
-    segs_bar = tqdm(desc="segmentations", unit="seg", disable=not show, position=1, leave=False)
-
-    started_cores: list[str] = []
-
-    def on_core(name: str) -> None:
-        cores_bar.n = len(started_cores)
-        started_cores.append(name)
-        cores_bar.set_postfix_str(name)
-        segs_bar.reset()
-
-    def on_seg(done: int, total: int, what: str) -> None:
-        segs_bar.total = total
-        segs_bar.n = done
-        segs_bar.refresh()
-
+    on_core, on_seg, close_bars = progress_bars(quiet, "cores", "core", "segmentations", "seg")
     series, failures = run_experiment(sources, tested, options, angle_list, on_core=on_core, progress=on_seg)
-    cores_bar.n = len(started_cores)
-    cores_bar.close()
-    segs_bar.close()
+    close_bars()
     for f in failures:
         click.echo(f"Error: {f.error}", err=True)
     write_robustness_outputs(out_dir, series, failures=failures)
