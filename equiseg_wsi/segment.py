@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,10 +144,10 @@ def cell_tissue_fraction(tissue: TissueMap, x0: float, y0: float, cell: float, s
     return np.asarray(mask.resize((w, h), Image.Resampling.BOX, box=box), dtype=np.float32)
 
 
-def _batches(grid: TileGrid, slide: Slide, mpp: float, size: int) -> Iterator[tuple[list[Tile], np.ndarray]]:
+def _batches(tiles: Iterable[Tile], slide: Slide, mpp: float, size: int) -> Iterator[tuple[list[Tile], np.ndarray]]:
     batch: list[Tile] = []
     pixels: list[np.ndarray] = []
-    for tile in grid:
+    for tile in tiles:
         batch.append(tile)
         pixels.append(read_tile(slide, tile, mpp))
         if len(batch) == size:
@@ -209,11 +209,10 @@ def region_features(
         if tissue[t.row * cells_per_tile : (t.row + 1) * cells_per_tile,
                   t.col * cells_per_tile : (t.col + 1) * cells_per_tile].any()
     ]
-    grid_tiles = _ListGrid(wanted)
     with tempfile.TemporaryDirectory(prefix="equiseg-", dir=scratch_dir) as tmp:
         features = _feature_store(Path(tmp), (gh, gw, extractor.channels))
         done = 0
-        for tiles, pixels in _batches(grid_tiles, slide, options.target_mpp, options.batch_size):
+        for tiles, pixels in _batches(wanted, slide, options.target_mpp, options.batch_size):
             maps = extractor.extract(pixels, halo=options.halo)
             halo = options.halo
             for tile, fmap, px in zip(tiles, maps, pixels, strict=True):
@@ -255,16 +254,6 @@ def segment_region(
     if min_cells > 1:
         labels = remove_small_segments(labels, min_cells)
     return RegionSegmentation(area.name, labels, rf.rgb, rf.x0, rf.y0, rf.cell_level0, cell_um, model, rf.n_tiles)
-
-
-class _ListGrid:
-    """A pre-filtered list of tiles behaving like a grid for `_batches`."""
-
-    def __init__(self, tiles: list[Tile]) -> None:
-        self._tiles = tiles
-
-    def __iter__(self) -> Iterator[Tile]:
-        return iter(self._tiles)
 
 
 def _feature_store(folder: Path, shape: tuple[int, int, int]) -> np.ndarray:
