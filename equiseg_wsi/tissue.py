@@ -173,22 +173,14 @@ class TissueMap:
     regions: list[TissueRegion] = field(default_factory=list)
 
     def polygons_level0(self) -> BaseGeometry:
-        """Tissue as a shapely (Multi)Polygon in level-0 px, traced along mask pixel edges (holes kept)."""
-        from rasterio import features
-        from rasterio.transform import Affine
-        from shapely.geometry import MultiPolygon, shape
+        """Tissue as a shapely MultiPolygon in level-0 px, traced along mask pixel edges (holes kept)."""
+        from shapely.geometry import MultiPolygon
 
-        if not self.mask.any():
-            return MultiPolygon()
-        transform = Affine.scale(self.px_level0, self.px_level0)
-        polys = [
-            shape(geom)
-            for geom, value in features.shapes(
-                self.mask.astype(np.uint8), mask=self.mask, connectivity=4, transform=transform
-            )
-            if value == 1
-        ]
-        return MultiPolygon(polys) if len(polys) != 1 else polys[0]
+        from equiseg_wsi.polygons import GridPlacement, label_map_to_polygons
+
+        traced = label_map_to_polygons(self.mask.astype(np.int32), GridPlacement(0.0, 0.0, self.px_level0), 0,
+                                       snap=False)
+        return traced.get(1, MultiPolygon())
 
 
 def _regions(mask: np.ndarray, mpp: float, px_level0: float) -> list[TissueRegion]:
