@@ -54,7 +54,7 @@ def fit(
     extractor, identity = build_extractor(weights, layer=layer, device=device, batch_size=batch_size,
                                           target_mpp=target_mpp)
     options = run_options(
-        extractor, n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, halo=halo,
+        n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, halo=halo,
         tile_size=tile_size, min_area=2000.0, mpp=mpp, backend=backend, tissue_mpp=tissue_mpp,
         min_tissue_area=min_tissue_area, tma=tma, core_diameter=core_diameter,
     )

@@ -158,7 +158,7 @@ def progress_bars(
 
 
 def run_options(
-    extractor: Any, *, n_clusters: int, n_samples: int, seed: int, target_mpp: float, halo: int | None,
+    *, n_clusters: int, n_samples: int, seed: int, target_mpp: float, halo: int | None,
     tile_size: int, min_area: float, mpp: float | None, backend: str, tissue_mpp: float, min_tissue_area: float,
     tma: bool | None, core_diameter: float | None,
 ) -> Any:
@@ -169,8 +169,7 @@ def run_options(
     return RunOptions(
         segment=SegmentOptions(
             n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, tile_size=tile_size,
-            halo=halo if halo is not None else extractor.recommended_halo, batch_size=extractor.batch_size,
-            min_segment_um2=min_area,
+            halo=halo, min_segment_um2=min_area,
         ),
         backend=backend, mpp=mpp, tissue_mpp=tissue_mpp, tissue_min_area_um2=min_tissue_area, tma=tma,
         core_diameter_um=core_diameter,

@@ -76,7 +76,7 @@ def _setup(kw: dict[str, Any]) -> tuple[Any, dict[str, Any], Any, list[float]]:
                                           device=kw["device"], batch_size=kw["batch_size"],
                                           target_mpp=kw["target_mpp"])
     options = run_options(
-        extractor, n_clusters=kw["n_clusters"], n_samples=kw["n_samples"], seed=kw["seed"],
+        n_clusters=kw["n_clusters"], n_samples=kw["n_samples"], seed=kw["seed"],
         target_mpp=kw["target_mpp"], halo=kw["halo"], tile_size=kw["tile_size"], min_area=kw["min_area"],
         mpp=kw["mpp"], backend=kw["backend"], tissue_mpp=kw["tissue_mpp"], min_tissue_area=kw["min_tissue_area"],
         tma=kw["tma"], core_diameter=kw["core_diameter"],

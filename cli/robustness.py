@@ -71,7 +71,7 @@ def robustness(
     common = {"layer": layer, "device": device, "batch_size": batch_size, "target_mpp": target_mpp}
     tested = weight_file_models(models, **common) if models else default_models(**common)
     options = run_options(
-        tested[0].extractor, n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, halo=halo,
+        n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, halo=halo,
         tile_size=tile_size, min_area=min_area, mpp=mpp, backend=backend, tissue_mpp=tissue_mpp,
         min_tissue_area=min_tissue_area, tma=tma, core_diameter=core_diameter,
     )

@@ -86,7 +86,7 @@ def run(
         model.check_compatible(identity)
     options = replace(
         run_options(
-            extractor, n_clusters=model.k if model is not None else n_clusters, n_samples=n_samples, seed=seed,
+            n_clusters=model.k if model is not None else n_clusters, n_samples=n_samples, seed=seed,
             target_mpp=target_mpp, halo=halo, tile_size=tile_size, min_area=min_area, mpp=mpp, backend=backend,
             tissue_mpp=tissue_mpp, min_tissue_area=min_tissue_area, tma=tma, core_diameter=core_diameter,
         ),

@@ -259,6 +259,11 @@ class FeatureExtractor:
         return out[: h // s, : w // s]
 
 
+def default_batch_size(device: str | torch.device) -> int:
+    """One tile at a time on CPU (no slower, and peak memory is one tile's); 16 on a GPU."""
+    return 1 if resolve_device(device).type == "cpu" else 16
+
+
 DEFAULT_MODEL_SEED = 0
 """Seed of the random initialisation reached with ``weights="random"`` (SRE-ResNet-18, seed 0)."""
 
@@ -278,8 +283,8 @@ def build_extractor(
     features of the same model at another µm/px are not comparable.
     """
     layers = [name.strip() for name in layer.split("+") if name.strip()]
-    if batch_size is None:  # one tile at a time on CPU: no slower, and peak memory is one tile's
-        batch_size = 1 if resolve_device(device).type == "cpu" else 16
+    if batch_size is None:
+        batch_size = default_batch_size(device)
     extractor = FeatureExtractor.from_weights(
         weights, seed=DEFAULT_MODEL_SEED, layer=layers if len(layers) > 1 else layers[0],
         device=device, batch_size=batch_size,

@@ -174,15 +174,15 @@ def default_models(
     seeded random initialisation (same seed, same topology, same scaling rule), so the comparison is never
     a trained model against an untrained one. The labels say which.
     """
-    from equiseg_wsi.features import DEFAULT_MODEL_SEED, FeatureExtractor, resolve_device
+    from equiseg_wsi.features import DEFAULT_MODEL_SEED, FeatureExtractor, default_batch_size
     from equiseg_wsi.models import weights as weights_module
     from equiseg_wsi.models.resnet import ArchSpec
 
     seed = DEFAULT_MODEL_SEED if seed is None else int(seed)
     trained = all(weights_module.has_default_weights(kind) for kind in ("sre", "standard"))
     layers = [n.strip() for n in layer.split("+") if n.strip()]
-    if batch_size is None:  # as build_extractor: one tile at a time on CPU
-        batch_size = 1 if resolve_device(device).type == "cpu" else 16
+    if batch_size is None:
+        batch_size = default_batch_size(device)
     out = []
     for kind, title in (("sre", "SRE-ResNet-18"), ("standard", "standard-conv ResNet-18 twin")):
         if trained:

@@ -34,6 +34,8 @@ class Extractor(Protocol):
 
     stride: int
     channels: int
+    batch_size: int
+    recommended_halo: int
 
     def extract(self, tiles: np.ndarray, halo: int = 0) -> np.ndarray: ...
 
@@ -47,8 +49,7 @@ class SegmentOptions:
     seed: int = 42
     target_mpp: float = 2.5
     tile_size: int = 512
-    halo: int = 64
-    batch_size: int = 4
+    halo: int | None = None  # px at target_mpp; None: the extractor's recommended halo
     min_segment_um2: float = 2000.0
     min_cell_tissue: float = 0.5
 
@@ -189,7 +190,8 @@ def region_features(
     A context manager because a large region's features live in a scratch file that is removed on exit.
     """
     stride = extractor.stride
-    if options.tile_size % stride or options.halo % stride:
+    halo = extractor.recommended_halo if options.halo is None else options.halo
+    if options.tile_size % stride or halo % stride:
         raise ValueError(f"tile size and halo must be multiples of the feature stride {stride}")
     s = options.target_mpp / slide.mpp  # level-0 px per target px
     cell = s * stride
@@ -201,7 +203,7 @@ def region_features(
     rect = (x0, y0, gw * cell, gh * cell)
     # A region smaller than a tile is read as one tile of its own size: less padding, same features.
     tile_size = min(options.tile_size, max(gh, gw) * stride)
-    grid = TileGrid(rect, options.target_mpp, slide.mpp, tile_size, options.halo, align=stride)
+    grid = TileGrid(rect, options.target_mpp, slide.mpp, tile_size, halo, align=stride)
     cells_per_tile = tile_size // stride
     rgb = np.full((gh, gw, 3), 255, dtype=np.uint8)
     wanted = [
@@ -212,9 +214,8 @@ def region_features(
     with tempfile.TemporaryDirectory(prefix="equiseg-", dir=scratch_dir) as tmp:
         features = _feature_store(Path(tmp), (gh, gw, extractor.channels))
         done = 0
-        for tiles, pixels in _batches(wanted, slide, options.target_mpp, options.batch_size):
-            maps = extractor.extract(pixels, halo=options.halo)
-            halo = options.halo
+        for tiles, pixels in _batches(wanted, slide, options.target_mpp, extractor.batch_size):
+            maps = extractor.extract(pixels, halo=halo)
             for tile, fmap, px in zip(tiles, maps, pixels, strict=True):
                 r0, c0 = tile.row * cells_per_tile, tile.col * cells_per_tile
                 r1, c1 = min(r0 + cells_per_tile, gh), min(c0 + cells_per_tile, gw)

@@ -109,7 +109,7 @@ def test_every_training_core_influences_the_model(tmp_path: Path) -> None:
     Image.fromarray(odd).save(tmp_path / "slide009_core001.png")
     common = [CORES / "slide001_core001.jpg", CORES / "slide002_core001.jpg"]
     extractor, identity = build_extractor(None, device="cpu", target_mpp=8.0)
-    options = RunOptions(SegmentOptions(target_mpp=8.0, halo=32, batch_size=1), mpp=0.499)
+    options = RunOptions(SegmentOptions(target_mpp=8.0, halo=32), mpp=0.499)
     without, _ = fit_cohort(collect_inputs(common, mpp=0.499), extractor, identity, options)
     with_odd, failures = fit_cohort(collect_inputs([*common, tmp_path / "slide009_core001.png"], mpp=0.499),
                                     extractor, identity, options)

@@ -107,7 +107,7 @@ def sre_series():  # type: ignore[no-untyped-def]
 
     sources = collect_inputs([CORE], mpp=0.499)
     sre = default_models(target_mpp=5.0, device="cpu")[:1]
-    options = RunOptions(SegmentOptions(target_mpp=5.0, halo=sre[0].extractor.recommended_halo, batch_size=1))
+    options = RunOptions(SegmentOptions(target_mpp=5.0))
     series, failures = run_experiment(sources, sre, options, [0, 90, 180, 270, 30])
     assert not failures
     return series[0]
