@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from equiseg_wsi.models import ring_kernel
 from equiseg_wsi.models.sre_conv import SREConv2d, choose_path, num_rings, ring_masks
 
 TRANSFORMS = {
@@ -140,7 +141,7 @@ def test_forward_fused_equals_conv_bn_residual_relu(path: str, residual: bool, r
         want = torch.relu(want) if relu else want
         scale = torch.rsqrt(bn.running_var + bn.eps) * bn.weight
         got = conv.forward_fused(x, scale, bn.bias - bn.running_mean * scale, residual=res, relu=relu)
-    assert got.is_contiguous() and got.shape == want.shape
+    assert (got.is_contiguous() or got.is_contiguous(memory_format=torch.channels_last)) and got.shape == want.shape
     assert rel(got, want) < 1e-5
 
 
@@ -161,3 +162,44 @@ def test_auto_rule_small_maps() -> None:
     assert choose_path(cpu, 256, 256, 5, 32, 32) == "fft"
     assert choose_path(cpu, 32, 32, 5, 32, 32) == "dense"
     assert choose_path(cpu, 64, 64, 3, 512, 512) == "dense"
+    # with the compiled ring kernel (CPU inference) every SRE layer of the ResNet, the stem included, takes it
+    for shape in [(3, 64, 5, 512, 512), (64, 64, 9, 512, 512), (512, 512, 5, 64, 64), (32, 32, 5, 8, 8)]:
+        assert choose_path(cpu, *shape, compiled_ring=True) == "ring"
+    assert choose_path(cpu, 64, 64, 1, 64, 64, compiled_ring=True) == "dense"
+    assert choose_path(torch.device("cuda"), 64, 64, 9, 512, 512, compiled_ring=True) == "dense"
+
+
+@pytest.mark.skipif(not ring_kernel.available(), reason="numba is not installed")
+@pytest.mark.parametrize("cin,cout,k,h,w,batch", [
+    (3, 16, 5, 40, 37, 2),  # stem-like, width not a multiple of 16
+    (16, 24, 9, 70, 33, 1),  # several strips per thread
+    (8, 8, 9, 3, 5, 2),  # image smaller than the kernel
+    (8, 4, 1, 6, 7, 1),  # K = 1: one ring
+])
+def test_compiled_ring_kernel_matches_dense(cin: int, cout: int, k: int, h: int, w: int, batch: int) -> None:
+    """The compiled kernel (strips, threads, zero padding at every border, fused bias/residual/ReLU) = dense."""
+    torch.manual_seed(7)
+    conv = SREConv2d(cin, cout, k, bias=True).eval()
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(batch, cin, h, w)
+    res = torch.randn(batch, cout, h, w).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = torch.relu(conv._forward_dense(x, conv.weight, conv.bias) + res)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            got = ring_kernel.ring_conv(xin, conv.weight, k, conv.bias, residual=res, relu=True)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert rel(got, want) < 1e-5
+        conv.path = "ring"
+        assert rel(conv(x), conv._forward_dense(x, conv.weight, conv.bias)) < 1e-5
+
+
+def test_ring_path_trains_with_autograd() -> None:
+    """With autograd the ring path stays differentiable (PyTorch ops), gradients equal the dense path's."""
+    torch.manual_seed(8)
+    x = torch.randn(1, 4, 12, 12)
+    grads = []
+    for path in ("ring", "dense"):
+        conv = SREConv2d(4, 6, 5, path=path, generator=torch.Generator().manual_seed(1))
+        conv(x).square().sum().backward()
+        grads.append(conv.weight.grad)
+    assert rel(grads[0], grads[1]) < 1e-5

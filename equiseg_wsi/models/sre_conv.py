@@ -9,7 +9,9 @@ at any time are used -- no cached kernel that can go stale):
 
 * ``"dense"``: build the dense kernel from the rings, then one ordinary convolution (C_in*C_out*K^2 MACs/px).
 * ``"ring"``: depthwise convolution of each input channel with the b fixed ring masks, then a 1x1 mixing
-  convolution (C_in*b*K^2 + C_in*b*C_out MACs/px).
+  convolution (C_in*b*K^2 + C_in*b*C_out MACs/px).  For CPU inference it runs as a compiled kernel
+  (:mod:`.ring_kernel`: ring sums from the masks' mirror symmetry, strip by strip, straight into one oneDNN
+  GEMM, with bias, residual and ReLU applied in cache; output channels-last); otherwise as PyTorch ops.
 * ``"fft"``: the same ring factorisation done in the frequency domain: rfft2 each input channel once
   (scipy's pocketfft, sizes with factors 2, 3, 5, 7 only), scale each spectrum by the real spectra of the
   b rings, mix with one GEMM of inner dimension C_in*b per cache-sized frequency block (run by oneDNN, one
@@ -19,7 +21,8 @@ at any time are used -- no cached kernel that can go stale):
 :meth:`SREConv2d.forward_fused` additionally folds an eval-mode BatchNorm, a residual add and a ReLU into the
 convolution (used by the SRE-ResNet at inference).
 
-``"auto"`` picks per device and shape with a rule measured on CPU (see :func:`choose_path`).
+``"auto"`` picks per device and shape with a rule measured on CPU (see :func:`choose_path`).  Outputs may be
+channels-last tensors; every path accepts either memory format.
 """
 
 from __future__ import annotations
@@ -68,17 +71,22 @@ def ring_masks(kernel_size: int) -> Tensor:
 
 def choose_path(
     device: torch.device, in_channels: int, out_channels: int, kernel_size: int, height: int, width: int,
-    groups: int = 1,
+    groups: int = 1, compiled_ring: bool = False,
 ) -> str:
     """Pick the fastest exact forward path for this device and shape.
 
-    Rule from measurements on a 2-core AVX-512 CPU (benchmarks/bench_sre.py, batch 1 and 4): with the FFT
-    mixing running as one oneDNN GEMM of inner dimension C_in * b, the FFT path beats oneDNN's dense
-    convolution 1.4-3.5x for K >= 5 once maps are >= 32 x 32 with >= 64 channels (or >= 64 x 64 with
-    >= 32 channels); dense wins for the 3-channel stem, small maps and few channels.  On GPUs cuDNN's dense
-    convolution is used.
+    Rule from measurements on a 2-core AVX-512 CPU (benchmarks/bench_sre.py): for inference the compiled ring
+    kernel (``compiled_ring``: numba available, no autograd) beats the FFT path and oneDNN's dense convolution
+    for every SRE layer of the SRE-ResNet-18, the 3-channel stem included.  Without it, the FFT path (mixing
+    as one oneDNN GEMM of inner dimension C_in * b) beats dense 1.4-3.5x for K >= 5 once maps are >= 32 x 32
+    with >= 64 channels (or >= 64 x 64 with >= 32 channels); dense wins for the stem, small maps and few
+    channels, and for training.  On GPUs cuDNN's dense convolution is used.
     """
-    if device.type != "cpu" or groups != 1 or kernel_size < 5:
+    if device.type != "cpu" or groups != 1 or kernel_size < 3:
+        return "dense"
+    if compiled_ring:
+        return "ring"
+    if kernel_size < 5:
         return "dense"
     side, chans = min(height, width), min(in_channels, out_channels)
     if (side >= 32 and chans >= 64) or (side >= 64 and chans >= 32):
@@ -104,7 +112,7 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
     os.register_at_fork(after_in_child=_POOLS.clear)
 
 
-def _worker_pool(n: int) -> ThreadPoolExecutor:
+def worker_pool(n: int) -> ThreadPoolExecutor:
     """Shared pool of ``n`` threads whose torch ops run single-threaded (coarse-grained parallelism)."""
     pool = _POOLS.get(n)
     if pool is None:
@@ -135,6 +143,21 @@ def _irfft2_crop(y: Tensor, n_h: int, n_w: int, h: int, w: int) -> Tensor:
         z = _scipy_fft.ifft(y.numpy(), axis=-2, workers=workers, overwrite_x=True)[..., :h, :]
         return torch.from_numpy(_scipy_fft.irfft(z, n=n_w, axis=-1, workers=workers, overwrite_x=True))[..., :w]
     return torch.fft.irfft2(y, s=(n_h, n_w))[..., :h, :w]
+
+
+def _is_dense_layout(y: Tensor) -> bool:
+    return y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)
+
+
+def _compiled_ring_applies(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """The compiled ring kernel serves CPU inference with groups == 1 (training keeps differentiable paths)."""
+    if x.device.type != "cpu" or groups != 1 or x.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    from . import ring_kernel
+
+    return ring_kernel.available()
 
 
 class SREConv2d(nn.Module):
@@ -217,10 +240,11 @@ class SREConv2d(nn.Module):
                 return "ring"
             return self.path
         return choose_path(x.device, self.in_channels, self.out_channels, self.kernel_size,
-                           x.shape[-2], x.shape[-1], self.groups)
+                           x.shape[-2], x.shape[-1], self.groups,
+                           compiled_ring=_compiled_ring_applies(x, self.weight, self.groups))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._run(x, self.weight, self.bias).contiguous()
+        return self._run(x, self.weight, self.bias)
 
     def forward_fused(
         self, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None,
@@ -228,9 +252,9 @@ class SREConv2d(nn.Module):
     ) -> Tensor:
         """``relu(conv(x) * scale + shift + residual)`` with eval-mode BatchNorm folded into the conv.
 
-        The per-channel scale goes into the ring weights and the shift into the bias (the FFT path adds it
-        to the DC coefficient), and the crop, residual add and ReLU share one or two passes over the output:
-        on a 2-core CPU the separate BN / add / ReLU / copy passes cost as much as the convolutions.
+        The per-channel scale goes into the ring weights and the shift into the bias, and the residual add and
+        ReLU run on the conv's output while it is still in cache (the compiled ring path) or in one pass:
+        on a 2-core CPU separate BN / add / ReLU / copy passes cost as much as the convolutions.
         Equal to the unfused modules up to float rounding; uses the current weights on every call.
         """
         w, bias = self.weight, self.bias
@@ -240,19 +264,26 @@ class SREConv2d(nn.Module):
                 bias = bias * scale.to(bias.dtype)
         if shift is not None:
             bias = shift if bias is None else bias + shift
-        y = self._run(x, w, bias)  # may be a strided crop
+        return self._run(x, w, bias, residual, relu)
+
+    def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None,
+             relu: bool = False) -> Tensor:
+        path = self.resolved_path(x)
+        if path == "ring" and _compiled_ring_applies(x, weight, self.groups):
+            from . import ring_kernel
+
+            return ring_kernel.ring_conv(x, weight, self.kernel_size, bias, residual, relu)
+        if path == "dense":
+            y = self._forward_dense(x, weight, bias)
+        elif path == "ring":
+            y = self._forward_ring(x, weight, bias)
+        else:
+            y = self._forward_fft(x, weight, bias)  # may be a strided crop
         if residual is not None:
             y = torch.add(y, residual)
             return y.relu_() if relu else y
-        return torch.relu(y) if relu else y.contiguous()
-
-    def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        path = self.resolved_path(x)
-        if path == "dense":
-            return self._forward_dense(x, weight, bias)
-        if path == "ring":
-            return self._forward_ring(x, weight, bias)
-        return self._forward_fft(x, weight, bias)
+        y = torch.relu(y) if relu else y
+        return y if _is_dense_layout(y) else y.contiguous()
 
     # -- forward paths ------------------------------------------------------------------------------------
     def _forward_dense(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -306,7 +337,7 @@ class SREConv2d(nn.Module):
         if self.groups != 1:
             return self._forward_ring(x, weight, bias)
         orig_dtype = x.dtype
-        x = x.float()
+        x = x.float().contiguous()
         bsz, cin, h, w = x.shape
         c = self.padding
         n_h, n_w = _good_fft_size(h + c), _good_fft_size(w + c)  # >= H + K//2: no wrap-around
@@ -376,7 +407,7 @@ class SREConv2d(nn.Module):
             for k in range(nthreads):
                 work(k)
         else:
-            list(_worker_pool(nthreads).map(work, range(nthreads)))
+            list(worker_pool(nthreads).map(work, range(nthreads)))
         return yf
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
