@@ -111,11 +111,12 @@ def _quarter_pairs(kernel_size: int) -> np.ndarray:
 
 def ring_conv(
     x: Tensor, weight: Tensor, kernel_size: int, bias: Tensor | None = None,
-    residual: Tensor | None = None, relu: bool = False,
+    residual: Tensor | None = None, relu: bool = False, scale: Tensor | None = None,
 ) -> Tensor:
-    """``relu(sre_conv(x) + bias + residual)`` on CPU, returned in channels-last memory format.
+    """``relu(sre_conv(x; weight * scale) + bias + residual)`` on CPU, returned in channels-last memory format.
 
-    ``weight`` has the SRE layout (out, in, b).  ``x`` and ``residual`` may be in either memory format.
+    ``weight`` has the SRE layout (out, in, b); ``scale`` (per output channel) is a folded BatchNorm, applied
+    while the weights are reordered for the GEMM.  ``x`` and ``residual`` may be in either memory format.
     """
     kernel = _compiled()
     if kernel is None:  # pragma: no cover
@@ -127,7 +128,13 @@ def ring_conv(
     xcl = x.detach().float().permute(0, 2, 3, 1).contiguous()  # no copy when x is channels-last already
     xnp = xcl.numpy()
     # columns ordered (r, i) like the kernel's output rows; a batch-16 1x1 conv sends the GEMM to oneDNN
-    w4 = weight.detach().float().permute(0, 2, 1).reshape(cout, b * cin, 1, 1).contiguous()
+    w4 = torch.empty(cout, b, cin, dtype=torch.float32)
+    wt = weight.detach().float().permute(0, 2, 1)
+    if scale is None:
+        w4.copy_(wt)
+    else:
+        torch.mul(wt, scale.detach().float()[:, None, None], out=w4)
+    w4 = w4.view(cout, b * cin, 1, 1)
     bias_f = None if bias is None else bias.detach().float().contiguous()
     res = None if residual is None else residual.detach().float().permute(0, 2, 3, 1).contiguous()
     out = torch.empty(bsz, h, w, cout, dtype=torch.float32)

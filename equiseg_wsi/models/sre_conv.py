@@ -257,22 +257,23 @@ class SREConv2d(nn.Module):
         on a 2-core CPU separate BN / add / ReLU / copy passes cost as much as the convolutions.
         Equal to the unfused modules up to float rounding; uses the current weights on every call.
         """
-        w, bias = self.weight, self.bias
-        if scale is not None:
-            w = w * scale.to(w.dtype)[:, None, None]
-            if bias is not None:
-                bias = bias * scale.to(bias.dtype)
+        bias = self.bias
+        if scale is not None and bias is not None:
+            bias = bias * scale.to(bias.dtype)
         if shift is not None:
             bias = shift if bias is None else bias + shift
-        return self._run(x, w, bias, residual, relu)
+        return self._run(x, self.weight, bias, residual, relu, scale)
 
     def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None,
-             relu: bool = False) -> Tensor:
+             relu: bool = False, scale: Tensor | None = None) -> Tensor:
+        """``relu(conv(x; weight * scale) + bias + residual)`` by the resolved path."""
         path = self.resolved_path(x)
         if path == "ring" and _compiled_ring_applies(x, weight, self.groups):
             from . import ring_kernel
 
-            return ring_kernel.ring_conv(x, weight, self.kernel_size, bias, residual, relu)
+            return ring_kernel.ring_conv(x, weight, self.kernel_size, bias, residual, relu, scale)
+        if scale is not None:
+            weight = weight * scale.to(weight.dtype)[:, None, None]
         if path == "dense":
             y = self._forward_dense(x, weight, bias)
         elif path == "ring":
