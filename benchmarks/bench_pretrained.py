@@ -168,7 +168,7 @@ def main() -> None:
         tissue = detect_tissue(slide, 8.0, min_area_um2=2000.0)
         area = RegionArea(name, (0.0, 0.0, float(slide.width), float(slide.height)), tissue)
         core = square_core(slide, area, mpp, tissue_mpp=8.0)
-        opts = SegmentOptions(target_mpp=mpp, tile_size=256, halo=64, batch_size=1, min_segment_um2=0.0)
+        opts = SegmentOptions(target_mpp=mpp, tile_size=256, halo=64, min_segment_um2=0.0)  # extractor batches 1
         for m in models(args.trained, args.twin, mpp):
             if args.models and m.name not in args.models.split(","):
                 continue

@@ -13,6 +13,10 @@ Two modes, one loop:
   partner location in view B (other shift, other µm/px); B's projected cell map is resampled there bilinearly
   and an InfoNCE makes the pair agree, against the cells of the other spots in the batch (cells of the same
   spot are neither pulled nor pushed). The pooled NT-Xent stays, so the features cannot collapse.
+  ``dense_loss="cosine"`` instead pulls the matched cells of the raw ``layer4`` maps (the features that are
+  clustered) together by cosine, with no negatives and no extra head (PixPro's consistency without its
+  momentum teacher; the pooled NT-Xent is what prevents collapse): other spots often show the same tissue
+  type, and negatives would push those cells apart.
   **No rotation augmentation** by default: an SRE network is rotation-equivariant by construction (exactly
   for 90° turns and flips, closely at other angles) and its pooled features are therefore already invariant;
   a rotated view carries no new information and would only cost compute. ``rotate_augment=True`` adds
@@ -61,6 +65,7 @@ __all__ = [
     "StepInfo",
     "TrainingNet",
     "cell_grid",
+    "dense_cosine",
     "dense_nt_xent",
     "hed_to_rgb",
     "nt_xent",
@@ -71,6 +76,7 @@ __all__ = [
 ]
 
 MODES = ("ssl", "supervised")
+DENSE_LOSSES = ("infonce", "cosine")
 CLASS_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -110,6 +116,8 @@ class PretrainConfig:
         what cuDNN runs on GPU); inference keeps choosing its own fastest exact path.
     dense_weight: ssl only, weight of the dense (per-cell) InfoNCE added to the pooled NT-Xent; 0 = pooled
         SimCLR only (the recipe before the dense term; no dense head is built, so results are unchanged).
+    dense_loss: "infonce" (projected cells, other spots' cells as negatives) or "cosine" (raw layer4 cells,
+        matched cells pulled together, no negatives); see the module docstring.
     """
 
     mode: str = "ssl"
@@ -127,6 +135,7 @@ class PretrainConfig:
     temperature: float = 0.2
     proj_dim: int = 128
     dense_weight: float = 1.0
+    dense_loss: str = "infonce"
     val_fraction: float = 0.2
     rotate_augment: bool = False
     hed_sigma: float = 0.05
@@ -159,6 +168,8 @@ class PretrainConfig:
             raise InputError(f"save_dtype must be float32 or float16, got {self.save_dtype!r}")
         if not (self.dense_weight >= 0 and math.isfinite(self.dense_weight)):
             raise InputError(f"dense_weight must be a finite number >= 0, got {self.dense_weight}")
+        if self.dense_loss not in DENSE_LOSSES:
+            raise InputError(f"dense_loss must be one of {DENSE_LOSSES}, got {self.dense_loss!r}")
         if self.region is not None and (len(self.region) != 4 or self.region[2] <= 0 or self.region[3] <= 0):
             raise InputError(f"region must be x, y, w, h with positive w and h, got {self.region}")
 
@@ -175,6 +186,7 @@ class PretrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         kw = dict(d)
         kw.setdefault("dense_weight", 0.0)  # files written before the dense term trained without it
+        kw.setdefault("dense_loss", "infonce")
         kw["widths"] = tuple(kw["widths"])
         kw["region"] = tuple(kw["region"]) if kw.get("region") is not None else None
         return cls(**kw)
@@ -385,7 +397,7 @@ def _random_resized(rgb: np.ndarray, size: int, rng: np.random.Generator) -> np.
 
 class TrainingNet(nn.Module):
     """Backbone plus the training-only heads (projection MLP for ssl, and with ``dense`` the same MLP as
-    1x1 convolutions on every ``layer4`` cell; the backbone's fc for supervised)."""
+    1x1 convolutions on every ``layer4`` cell, for the InfoNCE dense term; the backbone's fc for supervised)."""
 
     def __init__(self, backbone: ResNetFeatures, proj_dim: int, ssl: bool, dense: bool = False) -> None:
         super().__init__()
@@ -399,12 +411,13 @@ class TrainingNet(nn.Module):
                 self.dense_head = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True), nn.Conv2d(c, proj_dim, 1))
 
     def embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Pooled projection (n, proj_dim) and, with the dense head, the projected cell map (n, proj_dim, h, w)."""
+        """Pooled projection (n, proj_dim) and the cell map: projected (n, proj_dim, h, w) with the dense head,
+        else the raw ``layer4`` map (ssl; None for supervised)."""
         if self.head is None:
             return self.backbone(x), None
         fmap = self.backbone.features(x, ("layer4",))["layer4"]
-        dense = self.dense_head(fmap) if self.dense_head is not None else None
-        return self.head(fmap.mean(dim=(2, 3))), dense
+        cells = self.dense_head(fmap) if self.dense_head is not None else fmap
+        return self.head(fmap.mean(dim=(2, 3))), cells
 
     def forward(self, x: Tensor) -> Tensor:
         return self.embed(x)[0]
@@ -461,6 +474,15 @@ def dense_nt_xent(qa: Tensor, kb: Tensor, grid: Tensor, inside: Tensor, temperat
     same = spot[:, None] == spot[None, :]
     sim = sim.masked_fill(same & ~torch.eye(len(spot), dtype=torch.bool, device=q.device), float("-inf"))
     return F.cross_entropy(sim, torch.arange(len(spot), device=q.device))
+
+
+def dense_cosine(fa: Tensor, fb: Tensor, grid: Tensor, inside: Tensor) -> Tensor:
+    """1 - mean cosine between each cell of view A and view B's map resampled at the same place (cells whose
+    place lies inside B only); fa, fb: (n, c, h, w); grid/inside: :func:`cell_grid` of A in B."""
+    fb_at_a = F.grid_sample(fb.float(), grid.to(fb.device), mode="bilinear", padding_mode="border",
+                            align_corners=False)
+    cos = F.cosine_similarity(fa.float(), fb_at_a, dim=1)  # (n, h, w)
+    return 1.0 - cos[inside.to(cos.device)].mean()
 
 
 def _to_tensor(batch: np.ndarray, device: torch.device) -> Tensor:
@@ -587,8 +609,8 @@ def _pretrain(
     backbone = build_model(spec, seed=config.seed)
     if config.arch == "sre":
         set_forward_path(backbone, config.forward_path)
-    dense = ssl and config.dense_weight > 0
-    net = TrainingNet(backbone, config.proj_dim, ssl, dense=dense).to(dev)
+    dense_head = ssl and config.dense_weight > 0 and config.dense_loss == "infonce"
+    net = TrainingNet(backbone, config.proj_dim, ssl, dense=dense_head).to(dev)
     for head, offset in ((net.head, 1), (net.dense_head, 2)):
         if head is None:
             continue
@@ -661,12 +683,17 @@ def _pretrain(
             if ssl:
                 n = z.shape[0] // 2
                 loss = nt_xent(z[:n], z[n:], config.temperature)
-                if zmap is not None:
+                if zmap is not None and config.dense_weight > 0:
                     size = (zmap.shape[2], zmap.shape[3])
                     grid_ab, in_ab = cell_grid(boxes[0], boxes[1], size)
                     grid_ba, in_ba = cell_grid(boxes[1], boxes[0], size)
-                    dense_loss = 0.5 * (dense_nt_xent(zmap[:n], zmap[n:], grid_ab, in_ab, config.temperature)
-                                        + dense_nt_xent(zmap[n:], zmap[:n], grid_ba, in_ba, config.temperature))
+                    if config.dense_loss == "cosine":
+                        dense_loss = 0.5 * (dense_cosine(zmap[:n], zmap[n:], grid_ab, in_ab)
+                                            + dense_cosine(zmap[n:], zmap[:n], grid_ba, in_ba))
+                    else:
+                        dense_loss = 0.5 * (dense_nt_xent(zmap[:n], zmap[n:], grid_ab, in_ab, config.temperature)
+                                            + dense_nt_xent(zmap[n:], zmap[:n], grid_ba, in_ba,
+                                                            config.temperature))
                     dense_losses.append(float(dense_loss.item()))
                     loss = loss + config.dense_weight * dense_loss
             else:
@@ -778,7 +805,8 @@ def _method(cfg: PretrainConfig) -> str:
     if cfg.mode != "ssl":
         return "supervised cross-entropy"
     if cfg.dense_weight > 0:
-        return f"SimCLR NT-Xent on pooled layer4 features + {cfg.dense_weight:g} x dense cell-level InfoNCE"
+        term = "cosine consistency of matched layer4 cells" if cfg.dense_loss == "cosine" else "cell-level InfoNCE"
+        return f"SimCLR NT-Xent on pooled layer4 features + {cfg.dense_weight:g} x dense {term}"
     return "SimCLR NT-Xent on pooled layer4 features"
 
 

@@ -25,6 +25,7 @@ from equiseg_wsi.pretrain import (
     SlideViews,
     TrainingNet,
     cell_grid,
+    dense_cosine,
     dense_nt_xent,
     hed_to_rgb,
     predict_tiles,
@@ -178,6 +179,21 @@ def test_dense_nt_xent_prefers_the_matching_cell() -> None:
     same = dense_nt_xent(fb.clone(), fb, grid, inside, 0.1)
     other = dense_nt_xent(torch.randn(3, 32, 4, 4), fb, grid, inside, 0.1)
     assert same < 0.1 < other
+    assert float(dense_cosine(fb.clone(), fb, grid, inside)) == pytest.approx(0.0, abs=1e-6)
+    assert float(dense_cosine(-fb, fb, grid, inside)) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_cosine_dense_term_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
+    """The cosine variant trains on raw layer4 cells: no extra head, a finite dense loss, recorded options."""
+    cfg = PretrainConfig(widths=(8, 16, 32, 64), tile=32, batch_size=4, epochs=1, steps_per_epoch=2, seed=3,
+                         dense_weight=1.0, dense_loss="cosine")
+    res = pretrain([cmu_crop], tmp_path / "o", cfg, device="cpu", mpp=0.499, threads=1)
+    dense = [float(r["dense_loss"]) for r in csv.DictReader(open(res.log_csv))]
+    assert len(dense) == 2 and all(0.0 <= d <= 2.0 for d in dense)
+    loaded = load_weights(res.weights)
+    assert loaded.training["options"]["dense_loss"] == "cosine" and "cosine" in loaded.provenance["method"]
+    with pytest.raises(InputError, match="dense_loss"):
+        PretrainConfig(dense_loss="l2")
 
 
 def test_supervised_end_to_end_and_rot90_invariant_predictions(class_root: Path, tmp_path: Path) -> None:
