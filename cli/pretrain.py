@@ -71,7 +71,8 @@ def _widths(text: str) -> tuple[int, ...]:
               show_default=True, help="ssl: NT-Xent temperature.")
 @click.option("--dense-weight", type=click.FloatRange(min=0), default=_DEFAULT.dense_weight, show_default=True,
               help="ssl: weight of the dense term, a cell-level InfoNCE that makes the layer4 features of the same "
-              "tissue location agree between the two views (what segmentation clusters); 0 = pooled SimCLR only.")
+              "tissue location agree between the two views (what segmentation clusters); 0 = pooled SimCLR only, the "
+              "shipped model's recipe (the dense term did not help on its validation rows; docs/model_card.md).")
 @click.option("--dense-loss", type=click.Choice(["infonce", "cosine"]), default=_DEFAULT.dense_loss,
               show_default=True, help="ssl: the dense term. infonce: projected cells against other spots' cells. "
               "cosine: matched raw layer4 cells pulled together, no negatives.")

@@ -7,7 +7,7 @@ Two modes, one loop:
   µm/px between ``mpp_min`` and ``mpp_max``), stain (Ruifrok-Johnston HED jitter), brightness/contrast and
   Gaussian blur. Chosen over BYOL/DINO because it needs no teacher network (half the compute per step) and
   trains usefully in a few hundred small-batch steps on a CPU.
-  **Dense term** (``dense_weight`` > 0, DenseCL/PixPro style): segmentation clusters the ``layer4`` cells, not
+  **Dense term** (opt-in, ``dense_weight`` > 0; DenseCL/PixPro style): segmentation clusters ``layer4`` cells, not
   pooled vectors, so the pooled loss alone leaves the per-cell features free to follow grid alignment and fine
   detail (fragmented segments). Each view's box on the slide is known, so every cell of view A has an exact
   partner location in view B (other shift, other µm/px); B's projected cell map is resampled there bilinearly
@@ -16,7 +16,9 @@ Two modes, one loop:
   ``dense_loss="cosine"`` instead pulls the matched cells of the raw ``layer4`` maps (the features that are
   clustered) together by cosine, with no negatives and no extra head (PixPro's consistency without its
   momentum teacher; the pooled NT-Xent is what prevents collapse): other spots often show the same tissue
-  type, and negatives would push those cells apart.
+  type, and negatives would push those cells apart. Off by default: on the validation rows of the one
+  training image neither variant beat the pooled loss alone (docs/model_card.md), so it is kept for cohorts
+  where it can be validated, not adopted.
   **No rotation augmentation** by default: an SRE network is rotation-equivariant by construction (exactly
   for 90° turns and flips, closely at other angles) and its pooled features are therefore already invariant;
   a rotated view carries no new information and would only cost compute. ``rotate_augment=True`` adds
@@ -114,8 +116,9 @@ class PretrainConfig:
         view, not only its centre, stays inside), e.g. to hold out part of an image for evaluation.
     forward_path: SRE forward path during training ("dense" measured fastest for training on CPU and is
         what cuDNN runs on GPU); inference keeps choosing its own fastest exact path.
-    dense_weight: ssl only, weight of the dense (per-cell) InfoNCE added to the pooled NT-Xent; 0 = pooled
-        SimCLR only (the recipe before the dense term; no dense head is built, so results are unchanged).
+    dense_weight: ssl only, weight of the dense (per-cell) term added to the pooled NT-Xent. 0 (default) =
+        pooled SimCLR only, the shipped model's recipe: no dense head is built and every loss is unchanged.
+        Off by default because neither dense variant beat it on the validation rows (docs/model_card.md).
     dense_loss: "infonce" (projected cells, other spots' cells as negatives) or "cosine" (raw layer4 cells,
         matched cells pulled together, no negatives); see the module docstring.
     """
@@ -134,7 +137,7 @@ class PretrainConfig:
     warmup_steps: int = 10
     temperature: float = 0.2
     proj_dim: int = 128
-    dense_weight: float = 1.0
+    dense_weight: float = 0.0
     dense_loss: str = "infonce"
     val_fraction: float = 0.2
     rotate_augment: bool = False
@@ -637,8 +640,9 @@ def _pretrain(
         if not ckpt_path.is_file():
             raise InputError(f"{ckpt_path}: no checkpoint to resume from")
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck["config"] != config.to_dict():
-            diff = sorted(k for k in ck["config"] if ck["config"][k] != config.to_dict().get(k))
+        saved = PretrainConfig.from_dict(ck["config"]).to_dict()  # checkpoints from before the dense term: off
+        if saved != config.to_dict():
+            diff = sorted(k for k in saved if saved[k] != config.to_dict().get(k))
             raise InputError(f"{ckpt_path}: checkpoint was made with other options ({', '.join(diff)}); "
                              "resume with the same options")
         net.load_state_dict(ck["model"])

@@ -124,6 +124,13 @@ def test_dense_weight_zero_is_the_pooled_recipe(cmu_crop: Path, tmp_path: Path) 
     assert TrainingNet(load_weights(res.weights).model, 16, ssl=True).dense_head is None
     with pytest.raises(InputError, match="dense_weight"):
         PretrainConfig(dense_weight=-1.0)
+    # a checkpoint written before the dense term existed (no dense options) resumes as dense_weight 0
+    two = PretrainConfig(**{**cfg.__dict__, "epochs": 2})
+    pretrain([cmu_crop], tmp_path / "old", two, device="cpu", mpp=0.499, threads=1, stop_after_epoch=1)
+    ck = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    del ck["config"]["dense_weight"], ck["config"]["dense_loss"]
+    torch.save(ck, tmp_path / "old" / "checkpoint.pt")
+    assert pretrain([cmu_crop], tmp_path / "old", two, device="cpu", mpp=0.499, threads=1, resume=True).finished
 
 
 def test_cell_grid_pairs_cells_by_slide_position() -> None:
