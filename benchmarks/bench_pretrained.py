@@ -23,6 +23,10 @@ Three measures, per image and model (K = 3, same KMeans options for all):
 
 Run: ``python benchmarks/bench_pretrained.py [--trained PATH] [--twin PATH]`` (default: the packaged model).
 Prints one table; takes a few minutes on a 2-core CPU.
+
+Model selection must not look at the held-out images: ``--validation`` measures instead on the CC0 region's
+rows 1400-1780 (``cmu-val``, at 2.5 and 1.25 µm/px), for candidates trained with ``--region 0,0,2220,1400``
+(which leaves those rows unseen). Only the chosen model is then measured on the held-out images.
 """
 
 from __future__ import annotations
@@ -56,16 +60,28 @@ from equiseg_wsi.slide import Slide, open_slide  # noqa: E402
 from equiseg_wsi.tissue import detect_tissue  # noqa: E402
 
 HELD_OUT_Y0 = 1800  # level-0 row where the held-out part of the CC0 region starts (training ended at 1780)
+VALIDATION_ROWS = (1400, 1780)  # level-0 rows for model selection (candidates are trained on rows 0-1400)
 ANGLES = (0.0, 20.0, 45.0, 70.0, 90.0, 135.0, 200.0, 290.0)
 MIN_SEGMENT_UM2 = SegmentOptions().min_segment_um2  # the product's default clean-up
 BACKGROUND_OD = 0.3  # summed RGB optical density below which a pixel counts as background (bright)
 
 
+def _cmu_rows(y0: int, y1: int | None) -> tuple[np.ndarray, float]:
+    """Level-0 rows y0..y1 (None: to the bottom) of the CC0 region, and its µm/px."""
+    with open_slide(ROOT / "sample_data" / "CMU-1-Small-Region.svs") as s:
+        y1 = s.height if y1 is None else y1
+        return s.read_region(0, y0, s.width, y1 - y0, s.mpp), s.mpp
+
+
+def validation_images() -> list[tuple[str, Slide, float]]:
+    """(name, one-level slide, target µm/px) for model selection: rows 1400-1780, never held out."""
+    rows, mpp = _cmu_rows(*VALIDATION_ROWS)
+    return [(f"cmu-val@{t:g}", Slide.from_array(rows, mpp=mpp, name="cmu-val"), t) for t in (2.5, 1.25)]
+
+
 def held_out_images() -> list[tuple[str, Slide, float]]:
     """(name, one-level slide, target µm/px) for every held-out evaluation."""
-    with open_slide(ROOT / "sample_data" / "CMU-1-Small-Region.svs") as s:
-        mpp = s.mpp
-        bottom = s.read_region(0, HELD_OUT_Y0, s.width, s.height - HELD_OUT_Y0, mpp)
+    bottom, mpp = _cmu_rows(HELD_OUT_Y0, None)
     crc = tifffile.imread(ROOT / "tests" / "data" / "CRC-VAL-HE-7K-NORM-TCGA-YLVCMEHK.tif")[..., :3]
     return [
         ("cmu-bottom@2.5", Slide.from_array(bottom, mpp=mpp, name="cmu-bottom"), 2.5),
@@ -139,18 +155,20 @@ def main() -> None:
     ap.add_argument("--twin", default=None, help="trained standard-twin weights (optional)")
     ap.add_argument("--only", default=None, help="evaluate only images whose name starts with one of these (a,b)")
     ap.add_argument("--models", default=None, help="only these models (e.g. std-trained,std-random)")
+    ap.add_argument("--validation", action="store_true",
+                    help="measure on the validation rows 1400-1780 instead of the held-out images (model selection)")
     args = ap.parse_args()
     cols = ("agree_off", "dice_off", "ari_off", "agree_90", "boundary_mm_per_mm2", "fragments_per_mm2",
             "boundary_clean", "fragments_clean", "nmi_stain")
     print(f"{'image':16s} {'model':12s} " + " ".join(f"{c[:14]:>14s}" for c in cols) + "  seconds")
     results: dict[tuple[str, str], dict[str, float]] = {}
-    for name, slide, mpp in held_out_images():
+    for name, slide, mpp in validation_images() if args.validation else held_out_images():
         if args.only and not any(name.startswith(p) for p in args.only.split(",")):
             continue
         tissue = detect_tissue(slide, 8.0, min_area_um2=2000.0)
         area = RegionArea(name, (0.0, 0.0, float(slide.width), float(slide.height)), tissue)
         core = square_core(slide, area, mpp, tissue_mpp=8.0)
-        opts = SegmentOptions(target_mpp=mpp, tile_size=256, halo=64, batch_size=1, min_segment_um2=0.0)
+        opts = SegmentOptions(target_mpp=mpp, tile_size=256, halo=64, min_segment_um2=0.0)  # extractor batches 1
         for m in models(args.trained, args.twin, mpp):
             if args.models and m.name not in args.models.split(","):
                 continue

@@ -69,6 +69,13 @@ def _widths(text: str) -> tuple[int, ...]:
               help="Steps of linear learning-rate warm-up.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=_DEFAULT.temperature,
               show_default=True, help="ssl: NT-Xent temperature.")
+@click.option("--dense-weight", type=click.FloatRange(min=0), default=_DEFAULT.dense_weight, show_default=True,
+              help="ssl: weight of the dense term, a cell-level InfoNCE that makes the layer4 features of the same "
+              "tissue location agree between the two views (what segmentation clusters); 0 = pooled SimCLR only, the "
+              "shipped model's recipe (the dense term did not help on its validation rows; docs/model_card.md).")
+@click.option("--dense-loss", type=click.Choice(["infonce", "cosine"]), default=_DEFAULT.dense_loss,
+              show_default=True, help="ssl: the dense term. infonce: projected cells against other spots' cells. "
+              "cosine: matched raw layer4 cells pulled together, no negatives.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=_DEFAULT.val_fraction, show_default=True,
               help="supervised: share of each class held out for validation (seeded, stratified).")
@@ -96,10 +103,10 @@ def _widths(text: str) -> tuple[int, ...]:
 @quiet_option
 def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, widths: str, tile: int,
              mpp_range: tuple[float, float], region: str | None, batch_size: int, epochs: int,
-             steps_per_epoch: int, lr: float, warmup_steps: int, temperature: float, val_fraction: float,
-             hed_sigma: float, blur_prob: float, rotate_augment: bool, seed: int, device: str, amp: bool | None,
-             threads: int | None, half_weights: bool, resume: bool, stop_after_epoch: int | None, backend: str,
-             mpp: float | None, quiet: bool) -> None:
+             steps_per_epoch: int, lr: float, warmup_steps: int, temperature: float, dense_weight: float,
+             dense_loss: str, val_fraction: float, hed_sigma: float, blur_prob: float, rotate_augment: bool,
+             seed: int, device: str, amp: bool | None, threads: int | None, half_weights: bool, resume: bool,
+             stop_after_epoch: int | None, backend: str, mpp: float | None, quiet: bool) -> None:
     """Train the feature model on INPUT... and write it in the equiseg weights format (use it with --weights).
 
     \b
@@ -110,8 +117,9 @@ def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, widt
         mode=mode, arch=arch, widths=_widths(widths), tile=tile, mpp_min=mpp_range[0], mpp_max=mpp_range[1],
         region=_region(region),
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, warmup_steps=warmup_steps,
-        temperature=temperature, val_fraction=val_fraction, hed_sigma=hed_sigma, blur_prob=blur_prob,
-        rotate_augment=rotate_augment, seed=seed, save_dtype="float16" if half_weights else "float32",
+        temperature=temperature, dense_weight=dense_weight, dense_loss=dense_loss, val_fraction=val_fraction,
+        hed_sigma=hed_sigma, blur_prob=blur_prob, rotate_augment=rotate_augment, seed=seed,
+        save_dtype="float16" if half_weights else "float32",
     )
     show = not quiet and sys.stderr.isatty()
     bar = None

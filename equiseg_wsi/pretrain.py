@@ -7,6 +7,18 @@ Two modes, one loop:
   µm/px between ``mpp_min`` and ``mpp_max``), stain (Ruifrok-Johnston HED jitter), brightness/contrast and
   Gaussian blur. Chosen over BYOL/DINO because it needs no teacher network (half the compute per step) and
   trains usefully in a few hundred small-batch steps on a CPU.
+  **Dense term** (opt-in, ``dense_weight`` > 0; DenseCL/PixPro style): segmentation clusters ``layer4`` cells, not
+  pooled vectors, so the pooled loss alone leaves the per-cell features free to follow grid alignment and fine
+  detail (fragmented segments). Each view's box on the slide is known, so every cell of view A has an exact
+  partner location in view B (other shift, other µm/px); B's projected cell map is resampled there bilinearly
+  and an InfoNCE makes the pair agree, against the cells of the other spots in the batch (cells of the same
+  spot are neither pulled nor pushed). The pooled NT-Xent stays, so the features cannot collapse.
+  ``dense_loss="cosine"`` instead pulls the matched cells of the raw ``layer4`` maps (the features that are
+  clustered) together by cosine, with no negatives and no extra head (PixPro's consistency without its
+  momentum teacher; the pooled NT-Xent is what prevents collapse): other spots often show the same tissue
+  type, and negatives would push those cells apart. Off by default: on the validation rows of the one
+  training image neither variant beat the pooled loss alone (docs/model_card.md), so it is kept for cohorts
+  where it can be validated, not adopted.
   **No rotation augmentation** by default: an SRE network is rotation-equivariant by construction (exactly
   for 90° turns and flips, closely at other angles) and its pooled features are therefore already invariant;
   a rotated view carries no new information and would only cost compute. ``rotate_augment=True`` adds
@@ -54,6 +66,9 @@ __all__ = [
     "PretrainResult",
     "StepInfo",
     "TrainingNet",
+    "cell_grid",
+    "dense_cosine",
+    "dense_nt_xent",
     "hed_to_rgb",
     "nt_xent",
     "predict_tiles",
@@ -63,6 +78,7 @@ __all__ = [
 ]
 
 MODES = ("ssl", "supervised")
+DENSE_LOSSES = ("infonce", "cosine")
 CLASS_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -100,6 +116,11 @@ class PretrainConfig:
         view, not only its centre, stays inside), e.g. to hold out part of an image for evaluation.
     forward_path: SRE forward path during training ("dense" measured fastest for training on CPU and is
         what cuDNN runs on GPU); inference keeps choosing its own fastest exact path.
+    dense_weight: ssl only, weight of the dense (per-cell) term added to the pooled NT-Xent. 0 (default) =
+        pooled SimCLR only, the shipped model's recipe: no dense head is built and every loss is unchanged.
+        Off by default because neither dense variant beat it on the validation rows (docs/model_card.md).
+    dense_loss: "infonce" (projected cells, other spots' cells as negatives) or "cosine" (raw layer4 cells,
+        matched cells pulled together, no negatives); see the module docstring.
     """
 
     mode: str = "ssl"
@@ -116,6 +137,8 @@ class PretrainConfig:
     warmup_steps: int = 10
     temperature: float = 0.2
     proj_dim: int = 128
+    dense_weight: float = 0.0
+    dense_loss: str = "infonce"
     val_fraction: float = 0.2
     rotate_augment: bool = False
     hed_sigma: float = 0.05
@@ -146,6 +169,10 @@ class PretrainConfig:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.save_dtype not in ("float32", "float16"):
             raise InputError(f"save_dtype must be float32 or float16, got {self.save_dtype!r}")
+        if not (self.dense_weight >= 0 and math.isfinite(self.dense_weight)):
+            raise InputError(f"dense_weight must be a finite number >= 0, got {self.dense_weight}")
+        if self.dense_loss not in DENSE_LOSSES:
+            raise InputError(f"dense_loss must be one of {DENSE_LOSSES}, got {self.dense_loss!r}")
         if self.region is not None and (len(self.region) != 4 or self.region[2] <= 0 or self.region[3] <= 0):
             raise InputError(f"region must be x, y, w, h with positive w and h, got {self.region}")
 
@@ -161,6 +188,8 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         kw = dict(d)
+        kw.setdefault("dense_weight", 0.0)  # files written before the dense term trained without it
+        kw.setdefault("dense_loss", "infonce")
         kw["widths"] = tuple(kw["widths"])
         kw["region"] = tuple(kw["region"]) if kw.get("region") is not None else None
         return cls(**kw)
@@ -286,26 +315,30 @@ class SlideViews:
             "region_level0": list(self.cfg.region) if self.cfg.region is not None else None,
         }
 
-    def _view(self, src: _SlideSpots, cx: float, cy: float, rng: np.random.Generator) -> np.ndarray:
+    def _view(self, src: _SlideSpots, cx: float, cy: float,
+              rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, float]]:
         cfg = self.cfg
         mpp = float(np.exp(rng.uniform(np.log(cfg.mpp_min), np.log(cfg.mpp_max))))
         span = cfg.tile * mpp / src.slide.mpp  # level-0 px covered by the view
         dx, dy = rng.uniform(-0.25, 0.25, size=2) * span
         x, y = cx + dx - span / 2, cy + dy - span / 2
         rgb = src.slide.read_region(x, y, cfg.tile, cfg.tile, mpp)
-        return _augment(rgb, cfg, rng)
+        return _augment(rgb, cfg, rng), (float(x), float(y), float(span))
 
-    def batch(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Two (n, tile, tile, 3) uint8 arrays: view A and view B of the same n spots."""
-        a, b = [], []
+    def batch(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """View A and view B of the same n spots, two (n, tile, tile, 3) uint8 arrays, and their boxes on the
+        slide, (2, n, 3) level-0 x, y (top left) and side: what the dense term needs to match cells."""
+        a, b, boxes_a, boxes_b = [], [], [], []
         for _ in range(n):
             src = self.spots[int(rng.choice(len(self.spots), p=self.weights))]
             cx, cy = src.centres[int(rng.integers(len(src.centres)))]
             cx += rng.uniform(-0.5, 0.5) * src.cell
             cy += rng.uniform(-0.5, 0.5) * src.cell
-            a.append(self._view(src, cx, cy, rng))
-            b.append(self._view(src, cx, cy, rng))
-        return np.stack(a), np.stack(b)
+            for views, boxes in ((a, boxes_a), (b, boxes_b)):
+                rgb, box = self._view(src, cx, cy, rng)
+                views.append(rgb)
+                boxes.append(box)
+        return np.stack(a), np.stack(b), np.array([boxes_a, boxes_b], dtype=np.float64)
 
     def close(self) -> None:
         for s in self.spots:
@@ -366,21 +399,31 @@ def _random_resized(rgb: np.ndarray, size: int, rng: np.random.Generator) -> np.
 
 
 class TrainingNet(nn.Module):
-    """Backbone plus the training-only head (projection MLP for ssl; the backbone's fc for supervised)."""
+    """Backbone plus the training-only heads (projection MLP for ssl, and with ``dense`` the same MLP as
+    1x1 convolutions on every ``layer4`` cell, for the InfoNCE dense term; the backbone's fc for supervised)."""
 
-    def __init__(self, backbone: ResNetFeatures, proj_dim: int, ssl: bool) -> None:
+    def __init__(self, backbone: ResNetFeatures, proj_dim: int, ssl: bool, dense: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         c = backbone.spec.widths[-1]
         self.head: nn.Module | None = None
+        self.dense_head: nn.Module | None = None
         if ssl:
             self.head = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, proj_dim))
+            if dense:
+                self.dense_head = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(inplace=True), nn.Conv2d(c, proj_dim, 1))
+
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Pooled projection (n, proj_dim) and the cell map: projected (n, proj_dim, h, w) with the dense head,
+        else the raw ``layer4`` map (ssl; None for supervised)."""
+        if self.head is None:
+            return self.backbone(x), None
+        fmap = self.backbone.features(x, ("layer4",))["layer4"]
+        cells = self.dense_head(fmap) if self.dense_head is not None else fmap
+        return self.head(fmap.mean(dim=(2, 3))), cells
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.head is None:
-            return self.backbone(x)
-        f = self.backbone.features(x, ("layer4",))["layer4"].mean(dim=(2, 3))
-        return self.head(f)
+        return self.embed(x)[0]
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
@@ -391,6 +434,58 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     sim.fill_diagonal_(float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(sim, target)
+
+
+def cell_grid(src: np.ndarray, dst: np.ndarray, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Where each cell centre of view ``src`` lies in view ``dst``, as a ``grid_sample`` grid.
+
+    src, dst: (n, 3) level-0 boxes (x, y, side) of square views; size: the (h, w) cell map of both views.
+    Returns the grid (n, h, w, 2) in dst's normalised coordinates (align_corners=False: -1 and 1 are the
+    outer edges of the view) and a mask (n, h, w), True where that location lies inside dst.
+    """
+    h, w = size
+    src_t = torch.as_tensor(src, dtype=torch.float64)
+    dst_t = torch.as_tensor(dst, dtype=torch.float64)
+    gy = (torch.arange(h, dtype=torch.float64) + 0.5) / h  # cell centres as a fraction of the view side
+    gx = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+    px = src_t[:, 0, None] + gx[None] * src_t[:, 2, None]  # (n, w) level-0 x of src's cell centres
+    py = src_t[:, 1, None] + gy[None] * src_t[:, 2, None]
+    u = 2.0 * (px - dst_t[:, 0, None]) / dst_t[:, 2, None] - 1.0
+    v = 2.0 * (py - dst_t[:, 1, None]) / dst_t[:, 2, None] - 1.0
+    grid = torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1)
+    inside = (grid.abs() <= 1.0).all(dim=-1)
+    return grid.float(), inside
+
+
+def dense_nt_xent(qa: Tensor, kb: Tensor, grid: Tensor, inside: Tensor, temperature: float) -> Tensor:
+    """Cell-level InfoNCE from view A to view B.
+
+    qa, kb: projected cell maps (n, c, h, w) of views A and B; grid/inside: :func:`cell_grid` of A in B.
+    Each cell of A whose location lies inside B must pick B's feature resampled at that location among the
+    resampled features of the other spots' cells; cells of its own spot are masked out, neither positive nor
+    negative, so that neighbouring tissue of one spot is not pushed apart.
+    """
+    n, c, h, w = qa.shape
+    kb_at_a = F.grid_sample(kb.float(), grid.to(kb.device), mode="bilinear", padding_mode="border",
+                            align_corners=False)
+    q = F.normalize(qa.float().permute(0, 2, 3, 1).reshape(n * h * w, c), dim=1)
+    k = F.normalize(kb_at_a.permute(0, 2, 3, 1).reshape(n * h * w, c), dim=1)
+    valid = inside.reshape(-1).to(q.device)
+    q, k = q[valid], k[valid]
+    spot = torch.arange(n, device=q.device).repeat_interleave(h * w)[valid]
+    sim = q @ k.t() / temperature
+    same = spot[:, None] == spot[None, :]
+    sim = sim.masked_fill(same & ~torch.eye(len(spot), dtype=torch.bool, device=q.device), float("-inf"))
+    return F.cross_entropy(sim, torch.arange(len(spot), device=q.device))
+
+
+def dense_cosine(fa: Tensor, fb: Tensor, grid: Tensor, inside: Tensor) -> Tensor:
+    """1 - mean cosine between each cell of view A and view B's map resampled at the same place (cells whose
+    place lies inside B only); fa, fb: (n, c, h, w); grid/inside: :func:`cell_grid` of A in B."""
+    fb_at_a = F.grid_sample(fb.float(), grid.to(fb.device), mode="bilinear", padding_mode="border",
+                            align_corners=False)
+    cos = F.cosine_similarity(fa.float(), fb_at_a, dim=1)  # (n, h, w)
+    return 1.0 - cos[inside.to(cos.device)].mean()
 
 
 def _to_tensor(batch: np.ndarray, device: torch.device) -> Tensor:
@@ -517,16 +612,19 @@ def _pretrain(
     backbone = build_model(spec, seed=config.seed)
     if config.arch == "sre":
         set_forward_path(backbone, config.forward_path)
-    net = TrainingNet(backbone, config.proj_dim, ssl).to(dev)
-    if net.head is not None:
-        g = torch.Generator().manual_seed(config.seed + 1)
+    dense_head = ssl and config.dense_weight > 0 and config.dense_loss == "infonce"
+    net = TrainingNet(backbone, config.proj_dim, ssl, dense=dense_head).to(dev)
+    for head, offset in ((net.head, 1), (net.dense_head, 2)):
+        if head is None:
+            continue
+        g = torch.Generator().manual_seed(config.seed + offset)
         with torch.no_grad():
-            for m in net.head.modules():
-                if isinstance(m, nn.Linear):
-                    bound = 1.0 / m.in_features ** 0.5
+            for m in head.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    bound = 1.0 / m.weight[0].numel() ** 0.5
                     m.weight.copy_((torch.rand(m.weight.shape, generator=g) * 2 - 1) * bound)
                     m.bias.zero_()
-        net.head.to(dev)
+        head.to(dev)
     decay = [p for n, p in net.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -542,8 +640,9 @@ def _pretrain(
         if not ckpt_path.is_file():
             raise InputError(f"{ckpt_path}: no checkpoint to resume from")
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck["config"] != config.to_dict():
-            diff = sorted(k for k in ck["config"] if ck["config"][k] != config.to_dict().get(k))
+        saved = PretrainConfig.from_dict(ck["config"]).to_dict()  # checkpoints from before the dense term: off
+        if saved != config.to_dict():
+            diff = sorted(k for k in saved if saved[k] != config.to_dict().get(k))
             raise InputError(f"{ckpt_path}: checkpoint was made with other options ({', '.join(diff)}); "
                              "resume with the same options")
         net.load_state_dict(ck["model"])
@@ -569,12 +668,12 @@ def _pretrain(
         rng = np.random.default_rng(_epoch_seed(config.seed, epoch))
         torch.manual_seed(int(rng.integers(2**62)))
         net.train()
-        losses = []
+        losses, dense_losses = [], []
         order = rng.permutation(train_idx) if not ssl else None
         for i in range(steps_per_epoch):
             if ssl:
                 assert views is not None
-                a, b = views.batch(config.batch_size, rng)
+                a, b, boxes = views.batch(config.batch_size, rng)
                 x = _to_tensor(np.concatenate([a, b]), dev)
             else:
                 assert order is not None
@@ -584,10 +683,23 @@ def _pretrain(
                 x = _to_tensor(np.stack(tiles), dev)
                 y = torch.tensor([items[j][1] for j in chosen], device=dev)
             with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
-                z = net(x)
+                z, zmap = net.embed(x)
             if ssl:
                 n = z.shape[0] // 2
                 loss = nt_xent(z[:n], z[n:], config.temperature)
+                if zmap is not None and config.dense_weight > 0:
+                    size = (zmap.shape[2], zmap.shape[3])
+                    grid_ab, in_ab = cell_grid(boxes[0], boxes[1], size)
+                    grid_ba, in_ba = cell_grid(boxes[1], boxes[0], size)
+                    if config.dense_loss == "cosine":
+                        dense_loss = 0.5 * (dense_cosine(zmap[:n], zmap[n:], grid_ab, in_ab)
+                                            + dense_cosine(zmap[n:], zmap[:n], grid_ba, in_ba))
+                    else:
+                        dense_loss = 0.5 * (dense_nt_xent(zmap[:n], zmap[n:], grid_ab, in_ab, config.temperature)
+                                            + dense_nt_xent(zmap[n:], zmap[:n], grid_ba, in_ba,
+                                                            config.temperature))
+                    dense_losses.append(float(dense_loss.item()))
+                    loss = loss + config.dense_weight * dense_loss
             else:
                 loss = F.cross_entropy(z.float(), y)
             if not torch.isfinite(loss):
@@ -601,11 +713,16 @@ def _pretrain(
             step += 1
             lv = float(loss.item())
             losses.append(lv)
-            log_rows.append({"epoch": epoch + 1, "step": step, "loss": lv, "lr": lr,
-                             "seconds": round(elapsed + time.perf_counter() - t0, 3)})
+            log_row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "loss": lv, "lr": lr}
+            if dense_losses:
+                log_row["dense_loss"] = dense_losses[-1]
+            log_row["seconds"] = round(elapsed + time.perf_counter() - t0, 3)
+            log_rows.append(log_row)
             if on_step is not None:
                 on_step(StepInfo(epoch + 1, config.epochs, step, total_steps, lv, lr))
         row: dict[str, Any] = {"epoch": epoch + 1, "mean_loss": float(np.mean(losses))}
+        if dense_losses:
+            row["mean_dense_loss"] = float(np.mean(dense_losses))
         if not ssl:
             row.update(_evaluate(net.backbone, val_tiles, val_labels, dev))
         elapsed += time.perf_counter() - t0
@@ -665,7 +782,7 @@ def _save_model(path: Path, backbone: ResNetFeatures, spec: ArchSpec, cfg: Pretr
         backbone = backbone.half()
     provenance = {
         "created_by": f"equiseg pretrain (equiseg-wsi {__version__})",
-        "method": "SimCLR NT-Xent on pooled layer4 features" if cfg.mode == "ssl" else "supervised cross-entropy",
+        "method": _method(cfg),
         "stored_dtype": cfg.save_dtype,
     }
     training = {
@@ -686,6 +803,15 @@ def _save_model(path: Path, backbone: ResNetFeatures, spec: ArchSpec, cfg: Pretr
                  provenance=provenance, training=training)
     if cfg.save_dtype == "float16":
         backbone.float()
+
+
+def _method(cfg: PretrainConfig) -> str:
+    if cfg.mode != "ssl":
+        return "supervised cross-entropy"
+    if cfg.dense_weight > 0:
+        term = "cosine consistency of matched layer4 cells" if cfg.dense_loss == "cosine" else "cell-level InfoNCE"
+        return f"SimCLR NT-Xent on pooled layer4 features + {cfg.dense_weight:g} x dense {term}"
+    return "SimCLR NT-Xent on pooled layer4 features"
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""equiseg pretrain: both modes end to end on tiny real H&E, exact resume, the shipped default model, rot90."""
+"""equiseg pretrain: both modes end to end on tiny real H&E, exact resume, the dense term's cell matching, the
+shipped default model, rot90."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
@@ -18,7 +20,19 @@ from equiseg_wsi.errors import InputError
 from equiseg_wsi.features import FeatureExtractor, build_extractor
 from equiseg_wsi.models.resnet import ArchSpec
 from equiseg_wsi.models.weights import default_weights, load_weights
-from equiseg_wsi.pretrain import PretrainConfig, hed_to_rgb, predict_tiles, pretrain, rgb_to_hed
+from equiseg_wsi.pretrain import (
+    PretrainConfig,
+    SlideViews,
+    TrainingNet,
+    cell_grid,
+    dense_cosine,
+    dense_nt_xent,
+    hed_to_rgb,
+    predict_tiles,
+    pretrain,
+    rgb_to_hed,
+)
+from equiseg_wsi.slide import Slide
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -64,7 +78,7 @@ def test_ssl_cli_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["pretrain", "--mode", "ssl", str(cmu_crop), "--mpp", "0.499", "-o", str(out),
                                    "--widths", TINY, "--tile", "32", "--batch-size", "4", "--epochs", "2",
                                    "--steps-per-epoch", "2", "--device", "cpu", "--threads", "1",
-                                   "--mpp-range", "1.0", "2.0"])
+                                   "--mpp-range", "1.0", "2.0", "--dense-weight", "0.5"])
     assert res.exit_code == 0, res.output
     for name in ("model.pt", "checkpoint.pt", "log.csv", "epochs.csv", "loss.png"):
         assert (out / name).is_file(), name
@@ -72,7 +86,9 @@ def test_ssl_cli_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
     loaded = load_weights(out / "model.pt")
     assert loaded.arch == ArchSpec(widths=(8, 16, 32, 64))
     assert loaded.normalization == {"mean": [0.5] * 3, "std": [0.5] * 3}
-    assert loaded.training["options"]["mode"] == "ssl"
+    assert loaded.training["options"]["mode"] == "ssl" and loaded.training["options"]["dense_weight"] == 0.5
+    assert "dense" in loaded.provenance["method"]
+    assert all(np.isfinite(float(r["dense_loss"])) for r in csv.DictReader(open(out / "log.csv")))
     assert loaded.training["data"]["inputs"][0]["name"] == "cmu_crop.png"
     assert "mean_loss" in loaded.training["final_metrics"] and loaded.provenance["created_by"].startswith("equiseg")
     # the trained file works as --weights of the feature extractor
@@ -81,7 +97,8 @@ def test_ssl_cli_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
 
 
 def test_resume_gives_identical_losses(cmu_crop: Path, tmp_path: Path) -> None:
-    cfg = PretrainConfig(widths=(8, 16, 32, 64), tile=32, batch_size=4, epochs=3, steps_per_epoch=2, seed=3)
+    cfg = PretrainConfig(widths=(8, 16, 32, 64), tile=32, batch_size=4, epochs=3, steps_per_epoch=2, seed=3,
+                         dense_weight=1.0)
     full = pretrain([cmu_crop], tmp_path / "full", cfg, device="cpu", mpp=0.499, threads=1)
     part = pretrain([cmu_crop], tmp_path / "part", cfg, device="cpu", mpp=0.499, threads=1, stop_after_epoch=1)
     assert not part.finished and not (tmp_path / "part" / "model.pt").exists()
@@ -93,6 +110,97 @@ def test_resume_gives_identical_losses(cmu_crop: Path, tmp_path: Path) -> None:
     assert _losses(tmp_path / "part" / "log.csv") == _losses(tmp_path / "full" / "log.csv")
     a, b = load_weights(full.weights).model.state_dict(), load_weights(done.weights).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    dense = [float(r["dense_loss"]) for r in csv.DictReader(open(tmp_path / "part" / "log.csv"))]
+    assert len(dense) == 6 and all(np.isfinite(dense))  # the dense term was on in both halves
+
+
+def test_dense_weight_zero_is_the_pooled_recipe(cmu_crop: Path, tmp_path: Path) -> None:
+    """dense_weight 0 builds no dense head and logs no dense loss: the recipe before the dense term."""
+    cfg = PretrainConfig(widths=(8, 16, 32, 64), tile=32, batch_size=4, epochs=1, steps_per_epoch=2, seed=3,
+                         dense_weight=0.0)
+    res = pretrain([cmu_crop], tmp_path / "o", cfg, device="cpu", mpp=0.499, threads=1)
+    assert "dense_loss" not in open(res.log_csv).readline()
+    assert load_weights(res.weights).training["options"]["dense_weight"] == 0.0
+    assert TrainingNet(load_weights(res.weights).model, 16, ssl=True).dense_head is None
+    with pytest.raises(InputError, match="dense_weight"):
+        PretrainConfig(dense_weight=-1.0)
+    # a checkpoint written before the dense term existed (no dense options) resumes as dense_weight 0
+    two = PretrainConfig(**{**cfg.__dict__, "epochs": 2})
+    pretrain([cmu_crop], tmp_path / "old", two, device="cpu", mpp=0.499, threads=1, stop_after_epoch=1)
+    ck = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    del ck["config"]["dense_weight"], ck["config"]["dense_loss"]
+    torch.save(ck, tmp_path / "old" / "checkpoint.pt")
+    assert pretrain([cmu_crop], tmp_path / "old", two, device="cpu", mpp=0.499, threads=1, resume=True).finished
+
+
+def test_cell_grid_pairs_cells_by_slide_position() -> None:
+    # A: side 8 at (0, 0); B: side 8 at (4, 0); 2 x 2 cells of 4 px: A's right column is B's left column
+    grid, inside = cell_grid(np.array([[0.0, 0.0, 8.0]]), np.array([[4.0, 0.0, 8.0]]), (2, 2))
+    np.testing.assert_allclose(grid[0, :, 1, 0].numpy(), [-0.5, -0.5])  # x of B's left cell centre
+    np.testing.assert_allclose(grid[0, :, 1, 1].numpy(), [-0.5, 0.5])  # same rows
+    assert inside[0].tolist() == [[False, True], [False, True]]
+    # twice the side (half the resolution): A's 2 x 2 cells fall in B's top-left quarter
+    grid, inside = cell_grid(np.array([[0.0, 0.0, 8.0]]), np.array([[0.0, 0.0, 16.0]]), (2, 2))
+    np.testing.assert_allclose(grid[0, 0, :, 0].numpy(), [-0.75, -0.25])
+    assert inside.all()
+
+
+def test_dense_matching_reproduces_views_of_a_real_slide_geometry() -> None:
+    """Resampling B's cell map at A's cells gives A's cell map where both show the same place.
+
+    On a linear intensity ramp, a cell's mean equals the ramp at the cell centre and bilinear resampling is
+    exact, so views read by SlideViews at other shifts and scales must agree to rounding: this ties the
+    matching to the real read geometry (top-left corner, side in level-0 px).
+    """
+    yy, xx = np.mgrid[0:600, 0:600].astype(np.float64)
+    ramp = np.clip(np.rint(20 + 0.2 * xx + 0.1 * yy), 0, 255).astype(np.uint8)
+    slide = Slide.from_array(np.repeat(ramp[..., None], 3, axis=2), mpp=0.5, name="ramp")
+    cfg = PretrainConfig(tile=32, mpp_min=1.0, mpp_max=2.0, hed_sigma=0.0, brightness=0.0, contrast=0.0,
+                         blur_prob=0.0)
+    views = SlideViews.__new__(SlideViews)
+    views.cfg = cfg
+    rng = np.random.default_rng(0)
+    spot = type("Spot", (), {"slide": slide})()
+    boxes_a, boxes_b, maps_a, maps_b = [], [], [], []
+    for _ in range(6):
+        a, box_a = views._view(spot, 300.0, 300.0, rng)
+        b, box_b = views._view(spot, 300.0, 300.0, rng)
+        boxes_a.append(box_a)
+        boxes_b.append(box_b)
+        for img, maps in ((a, maps_a), (b, maps_b)):
+            maps.append(F.avg_pool2d(torch.from_numpy(img[..., 0].astype(np.float32))[None, None], 8)[0])
+    ma, mb = torch.stack(maps_a), torch.stack(maps_b)
+    grid, inside = cell_grid(np.array(boxes_a), np.array(boxes_b), (4, 4))
+    b_at_a = F.grid_sample(mb, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # exact where A's cell centre lies between B's outer cell centres (no clamping at B's border)
+    core = (grid.abs() <= 1 - 1 / 4).all(dim=-1)
+    assert core.sum() >= 20
+    np.testing.assert_allclose(b_at_a[:, 0][core].numpy(), ma[:, 0][core].numpy(), atol=1.5)
+    assert inside[core].all()
+
+
+def test_dense_nt_xent_prefers_the_matching_cell() -> None:
+    torch.manual_seed(0)
+    fb = torch.randn(3, 32, 4, 4)
+    grid, inside = cell_grid(np.array([[0.0, 0.0, 8.0]] * 3), np.array([[0.0, 0.0, 8.0]] * 3), (4, 4))
+    same = dense_nt_xent(fb.clone(), fb, grid, inside, 0.1)
+    other = dense_nt_xent(torch.randn(3, 32, 4, 4), fb, grid, inside, 0.1)
+    assert same < 0.1 < other
+    assert float(dense_cosine(fb.clone(), fb, grid, inside)) == pytest.approx(0.0, abs=1e-6)
+    assert float(dense_cosine(-fb, fb, grid, inside)) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_cosine_dense_term_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
+    """The cosine variant trains on raw layer4 cells: no extra head, a finite dense loss, recorded options."""
+    cfg = PretrainConfig(widths=(8, 16, 32, 64), tile=32, batch_size=4, epochs=1, steps_per_epoch=2, seed=3,
+                         dense_weight=1.0, dense_loss="cosine")
+    res = pretrain([cmu_crop], tmp_path / "o", cfg, device="cpu", mpp=0.499, threads=1)
+    dense = [float(r["dense_loss"]) for r in csv.DictReader(open(res.log_csv))]
+    assert len(dense) == 2 and all(0.0 <= d <= 2.0 for d in dense)
+    loaded = load_weights(res.weights)
+    assert loaded.training["options"]["dense_loss"] == "cosine" and "cosine" in loaded.provenance["method"]
+    with pytest.raises(InputError, match="dense_loss"):
+        PretrainConfig(dense_loss="l2")
 
 
 def test_supervised_end_to_end_and_rot90_invariant_predictions(class_root: Path, tmp_path: Path) -> None:
