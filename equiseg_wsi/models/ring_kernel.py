@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sre_conv import ring_masks, worker_pool
+from .sre_conv import ring_masks, run_parts
 
 __all__ = ["available", "ring_conv"]
 
@@ -114,7 +114,7 @@ def ring_conv(
     x: Tensor, weight: Tensor, kernel_size: int, bias: Tensor | None = None,
     residual: Tensor | None = None, relu: bool = False, scale: Tensor | None = None,
 ) -> Tensor:
-    """``relu(sre_conv(x; weight * scale) + bias + residual)`` on CPU, returned in channels-last memory format.
+    """``relu(sre_conv(x; weight * scale) + bias + residual)`` on CPU, float32, in channels-last memory format.
 
     ``weight`` has the SRE layout (out, in, b); ``scale`` (per output channel) is a folded BatchNorm, applied
     while the weights are reordered for the GEMM.  ``x`` and ``residual`` may be in either memory format.
@@ -126,8 +126,7 @@ def ring_conv(
     cout, _, b = weight.shape
     c = kernel_size // 2
     pairs = _quarter_pairs(kernel_size)
-    xcl = x.detach().float().permute(0, 2, 3, 1).contiguous()  # no copy when x is channels-last already
-    xnp = xcl.numpy()
+    xnp = x.detach().float().permute(0, 2, 3, 1).contiguous().numpy()  # no copy when x is channels-last already
     # columns ordered (r, i) like the kernel's output rows; a batch-16 1x1 conv sends the GEMM to oneDNN
     w4 = torch.empty(cout, b, cin, dtype=torch.float32)
     wt = weight.detach().float().permute(0, 2, 1)
@@ -165,8 +164,5 @@ def ring_conv(
                     if relu:
                         dest.relu_()
 
-    if nthreads == 1:
-        work(0)
-    else:
-        list(worker_pool(nthreads).map(work, range(nthreads)))
-    return out.permute(0, 3, 1, 2).to(x.dtype)
+    run_parts(work, nthreads)
+    return out.permute(0, 3, 1, 2)

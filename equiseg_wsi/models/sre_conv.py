@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -112,7 +113,7 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
     os.register_at_fork(after_in_child=_POOLS.clear)
 
 
-def worker_pool(n: int) -> ThreadPoolExecutor:
+def _worker_pool(n: int) -> ThreadPoolExecutor:
     """Shared pool of ``n`` threads whose torch ops run single-threaded (coarse-grained parallelism)."""
     pool = _POOLS.get(n)
     if pool is None:
@@ -120,6 +121,15 @@ def worker_pool(n: int) -> ThreadPoolExecutor:
                                   initargs=(1,))
         _POOLS[n] = pool
     return pool
+
+
+def run_parts(work: Callable[[int], None], n: int, in_pool: bool = True) -> None:
+    """``work(0) ... work(n - 1)``: on the shared single-threaded pool, or inline for one part."""
+    if n == 1 or not in_pool:
+        for k in range(n):
+            work(k)
+    else:
+        list(_worker_pool(n).map(work, range(n)))
 
 
 def _use_scipy_fft(x: Tensor) -> bool:
@@ -234,14 +244,14 @@ class SREConv2d(nn.Module):
             s += ", bias=False"
         return s
 
-    def resolved_path(self, x: Tensor) -> str:
+    def resolved_path(self, x: Tensor, compiled_ring: bool = False) -> str:
+        """The path this call runs; ``compiled_ring``: the compiled ring kernel can serve it."""
         if self.path != "auto":
             if self.path == "fft" and self.groups != 1:
                 return "ring"
             return self.path
         return choose_path(x.device, self.in_channels, self.out_channels, self.kernel_size,
-                           x.shape[-2], x.shape[-1], self.groups,
-                           compiled_ring=_compiled_ring_applies(x, self.weight, self.groups))
+                           x.shape[-2], x.shape[-1], self.groups, compiled_ring=compiled_ring)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, self.weight, self.bias)
@@ -267,8 +277,9 @@ class SREConv2d(nn.Module):
     def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None,
              relu: bool = False, scale: Tensor | None = None) -> Tensor:
         """``relu(conv(x; weight * scale) + bias + residual)`` by the resolved path."""
-        path = self.resolved_path(x)
-        if path == "ring" and _compiled_ring_applies(x, weight, self.groups):
+        compiled = _compiled_ring_applies(x, weight, self.groups)
+        path = self.resolved_path(x, compiled)
+        if path == "ring" and compiled:
             from . import ring_kernel
 
             return ring_kernel.ring_conv(x, weight, self.kernel_size, bias, residual, relu, scale)
@@ -404,11 +415,7 @@ class SREConv2d(nn.Module):
                             tail = xi[:, None, f0 + n : f1] * spec2[None, :, f0 + n : f1]
                             torch.mm(wmat, tail.reshape(ck, f1 - f0 - n), out=yi[:, f0 + n : f1])
 
-        if nthreads == 1 or xf.device.type != "cpu":
-            for k in range(nthreads):
-                work(k)
-        else:
-            list(worker_pool(nthreads).map(work, range(nthreads)))
+        run_parts(work, nthreads, in_pool=xf.device.type == "cpu")
         return yf
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
