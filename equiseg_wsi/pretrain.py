@@ -466,8 +466,7 @@ def dense_nt_xent(qa: Tensor, kb: Tensor, grid: Tensor, inside: Tensor, temperat
     negative, so that neighbouring tissue of one spot is not pushed apart.
     """
     n, c, h, w = qa.shape
-    kb_at_a = F.grid_sample(kb.float(), grid.to(kb.device), mode="bilinear", padding_mode="border",
-                            align_corners=False)
+    kb_at_a = _resample(kb, grid)
     q = F.normalize(qa.float().permute(0, 2, 3, 1).reshape(n * h * w, c), dim=1)
     k = F.normalize(kb_at_a.permute(0, 2, 3, 1).reshape(n * h * w, c), dim=1)
     valid = inside.reshape(-1).to(q.device)
@@ -482,10 +481,29 @@ def dense_nt_xent(qa: Tensor, kb: Tensor, grid: Tensor, inside: Tensor, temperat
 def dense_cosine(fa: Tensor, fb: Tensor, grid: Tensor, inside: Tensor) -> Tensor:
     """1 - mean cosine between each cell of view A and view B's map resampled at the same place (cells whose
     place lies inside B only); fa, fb: (n, c, h, w); grid/inside: :func:`cell_grid` of A in B."""
-    fb_at_a = F.grid_sample(fb.float(), grid.to(fb.device), mode="bilinear", padding_mode="border",
-                            align_corners=False)
-    cos = F.cosine_similarity(fa.float(), fb_at_a, dim=1)  # (n, h, w)
+    cos = F.cosine_similarity(fa.float(), _resample(fb, grid), dim=1)  # (n, h, w)
     return 1.0 - cos[inside.to(cos.device)].mean()
+
+
+def _resample(fmap: Tensor, grid: Tensor) -> Tensor:
+    """``fmap`` (n, c, h, w) read bilinearly at the :func:`cell_grid` locations."""
+    return F.grid_sample(fmap.float(), grid.to(fmap.device), mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def dense_term(zmap: Tensor, boxes: np.ndarray, cfg: PretrainConfig) -> Tensor:
+    """The configured dense loss, symmetric in the two views; zmap stacks views A then B, boxes is (2, n, 3)."""
+    n = zmap.shape[0] // 2
+    size = (zmap.shape[2], zmap.shape[3])
+    total = zmap.new_zeros(())
+    for (fa, fb), (src, dst) in (((zmap[:n], zmap[n:]), (boxes[0], boxes[1])),
+                                 ((zmap[n:], zmap[:n]), (boxes[1], boxes[0]))):
+        grid, inside = cell_grid(src, dst, size)
+        if cfg.dense_loss == "cosine":
+            total = total + dense_cosine(fa, fb, grid, inside)
+        else:
+            total = total + dense_nt_xent(fa, fb, grid, inside, cfg.temperature)
+    return 0.5 * total
 
 
 def _to_tensor(batch: np.ndarray, device: torch.device) -> Tensor:
@@ -688,16 +706,7 @@ def _pretrain(
                 n = z.shape[0] // 2
                 loss = nt_xent(z[:n], z[n:], config.temperature)
                 if zmap is not None and config.dense_weight > 0:
-                    size = (zmap.shape[2], zmap.shape[3])
-                    grid_ab, in_ab = cell_grid(boxes[0], boxes[1], size)
-                    grid_ba, in_ba = cell_grid(boxes[1], boxes[0], size)
-                    if config.dense_loss == "cosine":
-                        dense_loss = 0.5 * (dense_cosine(zmap[:n], zmap[n:], grid_ab, in_ab)
-                                            + dense_cosine(zmap[n:], zmap[:n], grid_ba, in_ba))
-                    else:
-                        dense_loss = 0.5 * (dense_nt_xent(zmap[:n], zmap[n:], grid_ab, in_ab, config.temperature)
-                                            + dense_nt_xent(zmap[n:], zmap[:n], grid_ba, in_ba,
-                                                            config.temperature))
+                    dense_loss = dense_term(zmap, boxes, config)
                     dense_losses.append(float(dense_loss.item()))
                     loss = loss + config.dense_weight * dense_loss
             else:
