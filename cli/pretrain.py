@@ -83,6 +83,10 @@ def _widths(text: str) -> tuple[int, ...]:
               help="Stain jitter: each of H, E, DAB scaled by 1±σ and shifted by ±σ (OD units).")
 @click.option("--blur-prob", type=click.FloatRange(0, 1), default=_DEFAULT.blur_prob, show_default=True,
               help="Probability of a Gaussian blur (radius 0.1 to 1 px) per view.")
+@click.option("--border-prob", type=click.FloatRange(0, 1), default=_DEFAULT.border_prob, show_default=True,
+              help="Probability that a view gets a synthetic tissue border: the part beyond a random straight "
+              "line (10-50% of the view) becomes empty glass, so features near tissue edges describe the "
+              "tissue, not the glass.")
 @click.option("--rotate-augment/--no-rotate-augment", default=False, show_default=True,
               help="Random 90° turns and flips. Unneeded for SRE (rotation-equivariant by construction, so "
               "turned views add nothing); the default twin is trained without it to compare architectures.")
@@ -104,7 +108,8 @@ def _widths(text: str) -> tuple[int, ...]:
 def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, widths: str, tile: int,
              mpp_range: tuple[float, float], region: str | None, batch_size: int, epochs: int,
              steps_per_epoch: int, lr: float, warmup_steps: int, temperature: float, dense_weight: float,
-             dense_loss: str, val_fraction: float, hed_sigma: float, blur_prob: float, rotate_augment: bool,
+             dense_loss: str, val_fraction: float, hed_sigma: float, blur_prob: float, border_prob: float,
+             rotate_augment: bool,
              seed: int, device: str, amp: bool | None, threads: int | None, half_weights: bool, resume: bool,
              stop_after_epoch: int | None, backend: str, mpp: float | None, quiet: bool) -> None:
     """Train the feature model on INPUT... and write it in the equiseg weights format (use it with --weights).
@@ -118,7 +123,8 @@ def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, widt
         region=_region(region),
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, warmup_steps=warmup_steps,
         temperature=temperature, dense_weight=dense_weight, dense_loss=dense_loss, val_fraction=val_fraction,
-        hed_sigma=hed_sigma, blur_prob=blur_prob, rotate_augment=rotate_augment, seed=seed,
+        hed_sigma=hed_sigma, blur_prob=blur_prob, border_prob=border_prob,
+        rotate_augment=rotate_augment, seed=seed,
         save_dtype="float16" if half_weights else "float32",
     )
     show = not quiet and sys.stderr.isatty()

@@ -19,6 +19,9 @@ Two modes, one loop:
   type, and negatives would push those cells apart. Off by default: on the validation rows of the one
   training image neither variant beat the pooled loss alone (docs/model_card.md), so it is kept for cohorts
   where it can be validated, not adopted.
+  **Tissue borders** (opt-in, ``border_prob`` > 0): a view gets, with that probability, a straight edge beyond
+  which it shows empty glass (10-50 % of the view; :func:`_tissue_border`). Views are centred on tissue, so
+  without it the network rarely sees glass beside tissue, while every segmentation cell near an edge does.
   **No rotation augmentation** by default: an SRE network is rotation-equivariant by construction (exactly
   for 90° turns and flips, closely at other angles) and its pooled features are therefore already invariant;
   a rotated view carries no new information and would only cost compute. ``rotate_augment=True`` adds
@@ -121,6 +124,8 @@ class PretrainConfig:
         Off by default because neither dense variant beat it on the validation rows (docs/model_card.md).
     dense_loss: "infonce" (projected cells, other spots' cells as negatives) or "cosine" (raw layer4 cells,
         matched cells pulled together, no negatives); see the module docstring.
+    border_prob: probability that a view gets a synthetic tissue border (see :func:`_tissue_border`); 0 draws
+        nothing, so older recipes reproduce exactly.
     """
 
     mode: str = "ssl"
@@ -146,6 +151,7 @@ class PretrainConfig:
     contrast: float = 0.1
     blur_prob: float = 0.5
     blur_max_px: float = 1.0
+    border_prob: float = 0.0
     tissue_mpp: float = 8.0
     region: tuple[float, float, float, float] | None = None
     seed: int = 0
@@ -171,6 +177,8 @@ class PretrainConfig:
             raise InputError(f"save_dtype must be float32 or float16, got {self.save_dtype!r}")
         if not (self.dense_weight >= 0 and math.isfinite(self.dense_weight)):
             raise InputError(f"dense_weight must be a finite number >= 0, got {self.dense_weight}")
+        if not 0 <= self.border_prob <= 1:
+            raise InputError(f"border_prob must be in [0, 1], got {self.border_prob}")
         if self.dense_loss not in DENSE_LOSSES:
             raise InputError(f"dense_loss must be one of {DENSE_LOSSES}, got {self.dense_loss!r}")
         if self.region is not None and (len(self.region) != 4 or self.region[2] <= 0 or self.region[3] <= 0):
@@ -190,6 +198,7 @@ class PretrainConfig:
         kw = dict(d)
         kw.setdefault("dense_weight", 0.0)  # files written before the dense term trained without it
         kw.setdefault("dense_loss", "infonce")
+        kw.setdefault("border_prob", 0.0)  # files written before the border augmentation trained without it
         kw["widths"] = tuple(kw["widths"])
         kw["region"] = tuple(kw["region"]) if kw.get("region") is not None else None
         return cls(**kw)
@@ -243,8 +252,36 @@ def _colour_jitter(rgb: np.ndarray, cfg: PretrainConfig, rng: np.random.Generato
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+BORDER_FRACTION = (0.1, 0.5)  # share of a view that a synthetic border turns into glass
+GLASS_GREY = (225.0, 255.0)  # grey level of empty slide glass in 8-bit RGB scans (drawn per view)
+GLASS_NOISE = 3.0  # per-pixel standard deviation of that grey level
+
+
+def _tissue_border(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Replace the part of the view beyond a random straight line (10-50 % of its area) with empty glass.
+
+    A segmentation cell near a tissue edge, a tear or a core's rim sees glass in its receptive field; without
+    this, a model trained on views from inside the tissue learns "near glass" as a feature of its own, and
+    K-means spends a cluster on a rim around every piece of tissue. With a border in one view of a pair and
+    none (or another) in the other, the pooled features must describe the tissue whatever glass is beside it.
+    """
+    h, w = rgb.shape[:2]
+    theta = rng.uniform(0.0, 2.0 * np.pi)
+    fraction = rng.uniform(*BORDER_FRACTION)
+    grey = rng.uniform(*GLASS_GREY)
+    yy, xx = np.mgrid[0:h, 0:w]
+    along = (xx - (w - 1) / 2) * np.cos(theta) + (yy - (h - 1) / 2) * np.sin(theta)
+    glass = along > np.quantile(along, 1.0 - fraction)
+    out = rgb.copy()
+    noise = rng.normal(grey, GLASS_NOISE, size=(int(glass.sum()), 1))
+    out[glass] = np.clip(np.rint(noise), 0, 255).astype(np.uint8)
+    return out
+
+
 def _augment(rgb: np.ndarray, cfg: PretrainConfig, rng: np.random.Generator) -> np.ndarray:
-    """Colour jitter, optional blur, optional rot90/flip (off by default; see the module docstring)."""
+    """Optional tissue border, colour jitter, optional blur, optional rot90/flip (see the module docstring)."""
+    if cfg.border_prob > 0 and rng.random() < cfg.border_prob:
+        rgb = _tissue_border(rgb, rng)
     out = _colour_jitter(rgb, cfg, rng)
     if cfg.blur_prob > 0 and rng.random() < cfg.blur_prob:
         radius = float(rng.uniform(0.1, cfg.blur_max_px))

@@ -78,7 +78,7 @@ def test_ssl_cli_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["pretrain", "--mode", "ssl", str(cmu_crop), "--mpp", "0.499", "-o", str(out),
                                    "--widths", TINY, "--tile", "32", "--batch-size", "4", "--epochs", "2",
                                    "--steps-per-epoch", "2", "--device", "cpu", "--threads", "1",
-                                   "--mpp-range", "1.0", "2.0", "--dense-weight", "0.5"])
+                                   "--mpp-range", "1.0", "2.0", "--dense-weight", "0.5", "--border-prob", "0.5"])
     assert res.exit_code == 0, res.output
     for name in ("model.pt", "checkpoint.pt", "log.csv", "epochs.csv", "loss.png"):
         assert (out / name).is_file(), name
@@ -87,6 +87,7 @@ def test_ssl_cli_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
     assert loaded.arch == ArchSpec(widths=(8, 16, 32, 64))
     assert loaded.normalization == {"mean": [0.5] * 3, "std": [0.5] * 3}
     assert loaded.training["options"]["mode"] == "ssl" and loaded.training["options"]["dense_weight"] == 0.5
+    assert loaded.training["options"]["border_prob"] == 0.5
     assert "dense" in loaded.provenance["method"]
     assert all(np.isfinite(float(r["dense_loss"])) for r in csv.DictReader(open(out / "log.csv")))
     assert loaded.training["data"]["inputs"][0]["name"] == "cmu_crop.png"
@@ -98,7 +99,7 @@ def test_ssl_cli_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
 
 def test_resume_gives_identical_losses(cmu_crop: Path, tmp_path: Path) -> None:
     cfg = PretrainConfig(widths=(8, 16, 32, 64), tile=32, batch_size=4, epochs=3, steps_per_epoch=2, seed=3,
-                         dense_weight=1.0)
+                         dense_weight=1.0, border_prob=0.5)
     full = pretrain([cmu_crop], tmp_path / "full", cfg, device="cpu", mpp=0.499, threads=1)
     part = pretrain([cmu_crop], tmp_path / "part", cfg, device="cpu", mpp=0.499, threads=1, stop_after_epoch=1)
     assert not part.finished and not (tmp_path / "part" / "model.pt").exists()
@@ -234,6 +235,43 @@ def test_supervised_needs_class_folders(tmp_path: Path) -> None:
     (tmp_path / "only").mkdir()
     with pytest.raises(InputError, match="class folders"):
         pretrain([tmp_path], tmp_path / "o", PretrainConfig(mode="supervised", widths=(8, 16, 32, 64)), device="cpu")
+
+
+def _runs_touch_an_edge(mask: np.ndarray) -> bool:
+    """Every row's True pixels form one run that touches the left or right edge (a half-plane's do)."""
+    for row in mask:
+        idx = np.flatnonzero(row)
+        if len(idx) and not (idx[-1] - idx[0] + 1 == len(idx) and (idx[0] == 0 or idx[-1] == len(row) - 1)):
+            return False
+    return True
+
+
+def test_border_augmentation_turns_a_half_plane_of_the_view_into_glass() -> None:
+    tissue = np.full((400, 400, 3), (150, 60, 130), np.uint8)  # flat purple: every tissue pixel known
+    slide = Slide.from_array(tissue, mpp=0.5, name="flat")
+    views = SlideViews.__new__(SlideViews)
+    spot = type("Spot", (), {"slide": slide})()
+    plain = dict(tile=32, hed_sigma=0.0, brightness=0.0, contrast=0.0, blur_prob=0.0)
+    views.cfg = PretrainConfig(**plain, border_prob=0.0)
+    untouched, _ = views._view(spot, 200.0, 200.0, np.random.default_rng(0))
+    assert (untouched == tissue[0, 0]).all()
+    views.cfg = PretrainConfig(**plain, border_prob=1.0)
+    shares = []
+    for seed in range(20):
+        view, _ = views._view(spot, 200.0, 200.0, np.random.default_rng(seed))
+        glass = (view != tissue[0, 0]).any(axis=-1)
+        assert (view[glass].min() >= 200) and (view[~glass] == tissue[0, 0]).all()
+        assert _runs_touch_an_edge(glass) and _runs_touch_an_edge(glass.T)
+        shares.append(glass.mean())
+    assert 0.1 - 1 / 32 <= min(shares) and max(shares) <= 0.5 + 1 / 32 and np.ptp(shares) > 0.2
+
+
+def test_border_prob_must_be_a_probability_and_defaults_to_off_for_old_files() -> None:
+    with pytest.raises(InputError, match="border_prob"):
+        PretrainConfig(border_prob=1.5)
+    old = PretrainConfig().to_dict()
+    del old["border_prob"]
+    assert PretrainConfig.from_dict(old).border_prob == 0.0
 
 
 def test_hed_round_trip() -> None:
