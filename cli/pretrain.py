@@ -86,7 +86,7 @@ def _widths(text: str) -> tuple[int, ...]:
 @click.option("--border-prob", type=click.FloatRange(0, 1), default=_DEFAULT.border_prob, show_default=True,
               help="Probability that a view gets a synthetic tissue border: the part beyond a random straight "
               "line (10-50% of the view) becomes empty glass, so features near tissue edges describe the "
-              "tissue, not the glass.")
+              "tissue, not the glass. The shipped model used 0.5 (docs/model_card.md).")
 @click.option("--rotate-augment/--no-rotate-augment", default=False, show_default=True,
               help="Random 90° turns and flips. Unneeded for SRE (rotation-equivariant by construction, so "
               "turned views add nothing); the default twin is trained without it to compare architectures.")

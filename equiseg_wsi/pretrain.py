@@ -21,7 +21,8 @@ Two modes, one loop:
   where it can be validated, not adopted.
   **Tissue borders** (opt-in, ``border_prob`` > 0): a view gets, with that probability, a straight edge beyond
   which it shows empty glass (10-50 % of the view; :func:`_tissue_border`). Views are centred on tissue, so
-  without it the network rarely sees glass beside tissue, while every segmentation cell near an edge does.
+  without it the network rarely sees glass beside tissue, while every segmentation cell near an edge does, and
+  K-means spent a cluster on a rim around the tissue. The shipped model uses 0.5 (docs/model_card.md).
   **No rotation augmentation** by default: an SRE network is rotation-equivariant by construction (exactly
   for 90° turns and flips, closely at other angles) and its pooled features are therefore already invariant;
   a rotated view carries no new information and would only cost compute. ``rotate_augment=True`` adds

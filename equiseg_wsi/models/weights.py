@@ -56,7 +56,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_WEIGHT_FILES = {"sre": "default_sre.pt", "standard": "default_standard.pt"}
 RETRAIN_COMMAND = (
     "equiseg pretrain --mode ssl sample_data/CMU-1-Small-Region.svs --region 0,0,2220,1780 --arch {kind} "
-    "--tile 48 --batch-size 16 --epochs 10 --steps-per-epoch 20 --device cpu -o OUT "
+    "--tile 48 --batch-size 16 --epochs 10 --steps-per-epoch 20 --border-prob 0.5 --device cpu -o OUT "
     "(then copy OUT/model.pt to {path})"
 )
 _MAX_LISTED = 5
