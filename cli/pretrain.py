@@ -109,9 +109,9 @@ def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, widt
              mpp_range: tuple[float, float], region: str | None, batch_size: int, epochs: int,
              steps_per_epoch: int, lr: float, warmup_steps: int, temperature: float, dense_weight: float,
              dense_loss: str, val_fraction: float, hed_sigma: float, blur_prob: float, border_prob: float,
-             rotate_augment: bool,
-             seed: int, device: str, amp: bool | None, threads: int | None, half_weights: bool, resume: bool,
-             stop_after_epoch: int | None, backend: str, mpp: float | None, quiet: bool) -> None:
+             rotate_augment: bool, seed: int, device: str, amp: bool | None, threads: int | None,
+             half_weights: bool, resume: bool, stop_after_epoch: int | None, backend: str, mpp: float | None,
+             quiet: bool) -> None:
     """Train the feature model on INPUT... and write it in the equiseg weights format (use it with --weights).
 
     \b
@@ -123,8 +123,7 @@ def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, widt
         region=_region(region),
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, warmup_steps=warmup_steps,
         temperature=temperature, dense_weight=dense_weight, dense_loss=dense_loss, val_fraction=val_fraction,
-        hed_sigma=hed_sigma, blur_prob=blur_prob, border_prob=border_prob,
-        rotate_augment=rotate_augment, seed=seed,
+        hed_sigma=hed_sigma, blur_prob=blur_prob, border_prob=border_prob, rotate_augment=rotate_augment, seed=seed,
         save_dtype="float16" if half_weights else "float32",
     )
     show = not quiet and sys.stderr.isatty()
