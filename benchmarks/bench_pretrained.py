@@ -48,10 +48,11 @@ from sklearn.metrics import normalized_mutual_info_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from equiseg_wsi.features import FeatureExtractor  # noqa: E402
 from equiseg_wsi.models.resnet import ArchSpec  # noqa: E402
+from equiseg_wsi.options import ExtractorSpec, SegmentOptions  # noqa: E402
 from equiseg_wsi.polygons import remove_small_segments  # noqa: E402
 from equiseg_wsi.pretrain import rgb_to_hed  # noqa: E402
+from equiseg_wsi.regions import RegionArea  # noqa: E402
 from equiseg_wsi.robustness import (  # noqa: E402
     ModelUnderTest,
     RotationSeries,
@@ -59,7 +60,6 @@ from equiseg_wsi.robustness import (  # noqa: E402
     rotation_series,
     square_core,
 )
-from equiseg_wsi.segment import RegionArea, SegmentOptions  # noqa: E402
 from equiseg_wsi.slide import Slide, open_slide  # noqa: E402
 from equiseg_wsi.tissue import detect_tissue  # noqa: E402
 
@@ -163,8 +163,8 @@ def models(trained: str | None, twin: str | None, mpp: float, random_seed: int =
     if twin:
         pairs += [("std-trained", twin, ArchSpec(kind="standard")), ("std-random", "random", ArchSpec(kind="standard"))]
     for name, w, arch in pairs:
-        ex = FeatureExtractor.from_weights(w, seed=random_seed, arch=arch, device="cpu", batch_size=1)
-        out.append(ModelUnderTest(name, name, ex, {**ex.identity(), "target_mpp": mpp}))
+        spec = ExtractorSpec(w, device="cpu", batch_size=1, target_mpp=mpp, kind=arch.kind, seed=random_seed)
+        out.append(ModelUnderTest(name, name, spec))
     return out
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from equiseg_wsi.slide import open_slide
-from equiseg_wsi.slide_writer import write_aperio_pyramid
+from equiseg_wsi.testing.slide_writer import write_aperio_pyramid
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data" / "CMU-1-Small-Region.svs"

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
 
-from equiseg_cli.options import backend_option, mpp_option, quiet_option
 from equiseg_wsi.errors import EquisegError
+from equiseg_wsi.export.tma_outputs import export_dearray
+from equiseg_wsi.inputs import read_case_ids
 from equiseg_wsi.slide import open_slide
 from equiseg_wsi.tissue import DEFAULT_TISSUE_MPP
-from equiseg_wsi.tma import dearray_slide, export_dearray, read_case_ids
+from equiseg_wsi.tma import TmaGrid, dearray_slide
+
+from .options import backend_option, mpp_option, quiet_option
 
 
 @click.command()
@@ -87,19 +91,29 @@ def dearray(
             raise
         raise type(exc)(f"{slide}: {exc}") from exc
     if ids:
-        unknown = sorted(set(ids) - {c.name for c in grid.cores})
-        if unknown:
-            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-            click.echo(
-                f"Warning: {case_ids}: {len(unknown)} case id(s) name cores not in the grid: "
-                f"{', '.join(unknown[:5])}{more}", err=True,
-            )
+        _warn_unknown_cores(case_ids, ids, grid)
     if not quiet:
-        n_present = len(grid.present)
+        _echo_summary(slide, grid, time.perf_counter() - started, paths["qptma"].parent)
+
+
+def _warn_unknown_cores(case_ids: Path | None, ids: Mapping[str, str], grid: TmaGrid) -> None:
+    """Warn (stderr) about case ids whose core is not in the grid: usually a naming or labelling mismatch."""
+    unknown = sorted(set(ids) - {c.name for c in grid.cores})
+    if unknown:
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
         click.echo(
-            f"{slide.name}: {grid.n_cols} x {grid.n_rows} grid (columns x rows), {n_present} cores present, "
-            f"{len(grid.cores) - n_present} missing; rotation {grid.rotation_deg:.1f}°, spacing "
-            f"{grid.spacing_um:.0f} µm, core diameter {grid.diameter_um:.0f} µm; "
-            f"{time.perf_counter() - started:.1f} s -> {paths['qptma'].parent}",
-            err=True,
+            f"Warning: {case_ids}: {len(unknown)} case id(s) name cores not in the grid: "
+            f"{', '.join(unknown[:5])}{more}", err=True,
         )
+
+
+def _echo_summary(slide: Path, grid: TmaGrid, seconds: float, folder: Path) -> None:
+    """One line on stderr: grid size, cores present and missing, geometry, time and output folder."""
+    n_present = len(grid.present)
+    click.echo(
+        f"{slide.name}: {grid.n_cols} x {grid.n_rows} grid (columns x rows), {n_present} cores present, "
+        f"{len(grid.cores) - n_present} missing; rotation {grid.rotation_deg:.1f}°, spacing "
+        f"{grid.spacing_um:.0f} µm, core diameter {grid.diameter_um:.0f} µm; "
+        f"{seconds:.1f} s -> {folder}",
+        err=True,
+    )

@@ -6,9 +6,10 @@ import json
 
 import click
 
-from equiseg_cli.options import backend_option, mpp_option
 from equiseg_wsi.errors import EquisegError
 from equiseg_wsi.slide import SlideInfo, open_slide
+
+from .options import backend_option, mpp_option
 
 
 def _format_block(info: SlideInfo) -> str:

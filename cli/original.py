@@ -16,17 +16,10 @@ from typing import Any
 
 import click
 
-from equiseg_cli.options import (
-    backend_option,
-    feature_options,
-    min_area_option,
-    mpp_option,
-    progress_bars,
-    quiet_option,
-    region_options,
-    run_options,
-)
+from equiseg_wsi.options import RunJob
 from equiseg_wsi.robustness import DEFAULT_ANGLES
+
+from .options import Pipeline, pipeline_options, progress_bars, quiet_option
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -59,29 +52,19 @@ def original_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _common(func: Callable[..., Any]) -> Callable[..., Any]:
-    for decorator in (quiet_option, min_area_option, region_options, backend_option, mpp_option, feature_options):
-        func = decorator(func)
-    return func
+    return pipeline_options(clustering=False)(quiet_option(func))
 
 
-def _setup(kw: dict[str, Any]) -> tuple[Any, dict[str, Any], Any, list[float]]:
-    """Extractor, identity, RunOptions and angles from the parsed options (shared by intra and inter)."""
-    from equiseg_wsi.features import build_extractor
+def _setup(pipeline: Pipeline, weight_path: Path | None, angles: str) -> tuple[RunJob, list[float]]:
+    """The job (every core redone: the analyses always overwrite) and the angles, shared by intra and inter."""
     from equiseg_wsi.robustness import parse_angles
 
-    if kw["weight_path"] is not None and kw["weights"] is not None:
+    if weight_path is not None and pipeline.weights is not None:
         raise click.UsageError("give the model once: --weight_path or --weights")
-    angles = parse_angles(kw["angles"])
-    extractor, identity = build_extractor(kw["weight_path"] or kw["weights"], layer=kw["layer"],
-                                          device=kw["device"], batch_size=kw["batch_size"],
-                                          target_mpp=kw["target_mpp"])
-    options = run_options(
-        n_clusters=kw["n_clusters"], n_samples=kw["n_samples"], seed=kw["seed"],
-        target_mpp=kw["target_mpp"], halo=kw["halo"], tile_size=kw["tile_size"], min_area=kw["min_area"],
-        mpp=kw["mpp"], backend=kw["backend"], tissue_mpp=kw["tissue_mpp"], min_tissue_area=kw["min_tissue_area"],
-        tma=kw["tma"], core_diameter=kw["core_diameter"],
-    )
-    return extractor, identity, replace(options, overwrite=True), angles
+    job = pipeline.with_options(overwrite=True).job
+    if weight_path is not None:
+        job = replace(job, spec=replace(job.spec, weights=str(weight_path)))
+    return job, parse_angles(angles)
 
 
 def _finish(result: Any, out_dir: Path, started: float, quiet: bool, what: str) -> None:
@@ -99,7 +82,7 @@ def _finish(result: Any, out_dir: Path, started: float, quiet: bool, what: str) 
 @click.command()
 @original_options
 @_common
-def intra(**kw: Any) -> None:
+def intra(pipeline: Pipeline, **kw: Any) -> None:
     """Intra-subject analysis (the original `intra_subject.py`): KMeans fitted on each core by itself.
 
     Runs `equiseg run` on the CSV's cores and writes, per core, the rotation series: the core rotated by
@@ -111,11 +94,11 @@ def intra(**kw: Any) -> None:
 
     started = time.perf_counter()
     out_dir: Path = kw["output_path"]
-    sources = collect_inputs([kw["csv_path"]], mpp=kw["mpp"], exclude=out_dir)
-    extractor, identity, options, angles = _setup(kw)
+    sources = collect_inputs([kw["csv_path"]], mpp=pipeline.options.regions.mpp, exclude=out_dir)
+    job, angles = _setup(pipeline, kw["weight_path"], kw["angles"])
     on_region, on_tiles, close = progress_bars(kw["quiet"], "intra")
     try:
-        result = intra_subject(sources, extractor, identity, options, out_dir, angles,
+        result = intra_subject(sources, job, out_dir, angles,
                                on_slide=lambda i, s: on_region(s.name), progress=on_tiles)
     finally:
         close()
@@ -128,7 +111,7 @@ def intra(**kw: Any) -> None:
               help="CSV of test cores (same columns). Default: split --csv_path by slide id: sorted distinct "
               "slide ids, the 1st, 3rd, ... train and the 2nd, 4th, ... test (no slide in both).")
 @_common
-def inter(**kw: Any) -> None:
+def inter(pipeline: Pipeline, **kw: Any) -> None:
     """Inter-subject analysis (the original `inter_subject.py`), fitted on EVERY training core.
 
     Fits one KMeans on --n_samples cells from each training core (`equiseg fit`; saved as
@@ -140,15 +123,15 @@ def inter(**kw: Any) -> None:
 
     started = time.perf_counter()
     out_dir: Path = kw["output_path"]
-    train = collect_inputs([kw["csv_path"]], mpp=kw["mpp"], exclude=out_dir)
+    train = collect_inputs([kw["csv_path"]], mpp=pipeline.options.regions.mpp, exclude=out_dir)
     if kw["test_data_path"] is not None:
-        test = collect_inputs([kw["test_data_path"]], mpp=kw["mpp"], exclude=out_dir)
+        test = collect_inputs([kw["test_data_path"]], mpp=pipeline.options.regions.mpp, exclude=out_dir)
     else:
         train, test = split_by_slide(train)
-    extractor, identity, options, angles = _setup(kw)
+    job, angles = _setup(pipeline, kw["weight_path"], kw["angles"])
     on_region, on_tiles, close = progress_bars(kw["quiet"], "inter")
     try:
-        result = inter_subject(train, test, extractor, identity, options, out_dir, angles,
+        result = inter_subject(train, test, job, out_dir, angles,
                                on_slide=lambda i, s: on_region(s.name), on_region=on_region, progress=on_tiles)
     finally:
         close()

@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from equiseg_cli.main import one_line
-from equiseg_cli.options import backend_option, mpp_option, quiet_option
 from equiseg_wsi.cores import find_images, preprocess_core, write_preprocess_csv
 from equiseg_wsi.errors import EquisegError
 from equiseg_wsi.inputs import mpp_by_file
 from equiseg_wsi.tissue import DEFAULT_MIN_AREA_UM2, DEFAULT_TISSUE_MPP
+
+from .main import one_line
+from .options import backend_option, mpp_option, quiet_option
 
 
 @click.command()

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from equiseg_cli.options import backend_option, mpp_option, quiet_option
 from equiseg_wsi.pretrain import PretrainConfig, StepInfo
 from equiseg_wsi.pretrain import pretrain as run_pretrain
+
+from .options import backend_option, mpp_option, quiet_option
 
 _DEFAULT = PretrainConfig()
 
@@ -23,7 +24,7 @@ def _region(text: str | None) -> tuple[float, float, float, float] | None:
         raise click.BadParameter(f"expected X,Y,W,H in level-0 px, got {text!r}") from None
     if len(parts) != 4:
         raise click.BadParameter(f"expected X,Y,W,H in level-0 px, got {text!r}")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def _widths(text: str) -> tuple[int, ...]:

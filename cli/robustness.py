@@ -7,18 +7,9 @@ from pathlib import Path
 
 import click
 
-from equiseg_cli.options import (
-    backend_option,
-    clustering_options,
-    feature_options,
-    min_area_option,
-    mpp_option,
-    progress_bars,
-    quiet_option,
-    region_options,
-    run_options,
-)
 from equiseg_wsi.robustness import DEFAULT_ANGLES
+
+from .options import Pipeline, pipeline_options, progress_bars, quiet_option
 
 
 @click.command()
@@ -33,20 +24,13 @@ from equiseg_wsi.robustness import DEFAULT_ANGLES
               help="Compare these two weight files. Default: the packaged SRE model and its standard-convolution "
               "twin trained the same way; while trained weights are not installed for both, both are the same "
               "seeded random initialisation (seed 0, labelled untrained).")
-@clustering_options
-@feature_options
-@mpp_option
-@backend_option
-@region_options
-@min_area_option
+@pipeline_options()
 @quiet_option
 def robustness(
-    inputs: tuple[Path, ...], out_dir: Path, angles: str, models: tuple[Path, Path] | None, n_clusters: int,
-    n_samples: int, seed: int, weights: Path | None, target_mpp: float, layer: str, device: str,
-    batch_size: int | None, halo: int | None, mpp: float | None, backend: str, tile_size: int, min_area: float,
-    tissue_mpp: float, min_tissue_area: float, tma: bool | None, core_diameter: float | None, quiet: bool,
+    inputs: tuple[Path, ...], out_dir: Path, angles: str, models: tuple[Path, Path] | None, pipeline: Pipeline,
+    quiet: bool,
 ) -> None:
-    """Measure how segmentations and biomarkers change when each core in INPUTS is rotated (DESIGN 3.6).
+    """Measure how segmentations and biomarkers change when each core in INPUTS is rotated.
 
     For every core and angle: pad the core on a white square, rotate it, segment it with the frozen model and
     the KMeans fitted at 0°, rotate the labels back and compare with 0° on the tissue both share (pixel
@@ -54,27 +38,22 @@ def robustness(
     what `equiseg run` takes; regions are the ones `run` segments. Exit code 1 when any core failed.
     """
     from equiseg_wsi.inputs import collect_inputs
-    from equiseg_wsi.robustness import (
-        default_models,
-        parse_angles,
-        run_experiment,
-        summary_rows,
-        weight_file_models,
-        write_robustness_outputs,
-    )
+    from equiseg_wsi.robustness import default_models, parse_angles, run_experiment, weight_file_models
+    from equiseg_wsi.robustness_report import summary_rows, write_robustness_outputs
 
     started = time.perf_counter()
-    if weights is not None:
+    if pipeline.weights is not None:
         raise click.UsageError("robustness compares two models: give them with --models A.pth B.pth, not --weights")
     angle_list = parse_angles(angles)
-    sources = collect_inputs(inputs, mpp=mpp, exclude=out_dir)
-    common = {"layer": layer, "device": device, "batch_size": batch_size, "target_mpp": target_mpp}
-    tested = weight_file_models(models, **common) if models else default_models(**common)
-    options = run_options(
-        n_clusters=n_clusters, n_samples=n_samples, seed=seed, target_mpp=target_mpp, halo=halo,
-        tile_size=tile_size, min_area=min_area, mpp=mpp, backend=backend, tissue_mpp=tissue_mpp,
-        min_tissue_area=min_tissue_area, tma=tma, core_diameter=core_diameter,
-    )
+    options = pipeline.options
+    sources = collect_inputs(inputs, mpp=options.regions.mpp, exclude=out_dir)
+    spec = pipeline.job.spec
+    if models:
+        tested = weight_file_models(models, layer=spec.layer, device=spec.device, batch_size=spec.batch_size,
+                                    target_mpp=spec.target_mpp)
+    else:
+        tested = default_models(layer=spec.layer, device=spec.device, batch_size=spec.batch_size,
+                                target_mpp=spec.target_mpp)
     on_core, on_seg, close_bars = progress_bars(quiet, "cores", "core", "segmentations", "seg")
     series, failures = run_experiment(sources, tested, options, angle_list, on_core=on_core, progress=on_seg)
     close_bars()

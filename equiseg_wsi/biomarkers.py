@@ -1,7 +1,7 @@
-"""Per-region imaging biomarkers measured on a label map (DESIGN 3.5), and their CSV table.
+"""Per-region imaging biomarkers measured on a label map, and their CSV table.
 
 Why these numbers: they summarise a segmentation in units a pathologist can use (µm, µm², fractions) and are
-what the rotation protocol (DESIGN 3.6) checks for stability. All values are finite; a cluster absent from a
+what the rotation protocol checks for stability. All values are finite; a cluster absent from a
 region gets 0 for every column, including those that are undefined for an empty cluster (mean component
 area, fragmentation, mean colour, mean OD) — read ``c{i}_area_um2 > 0`` before interpreting those.
 
@@ -12,8 +12,6 @@ count pixel edges; the image border counts as background.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,7 +23,7 @@ from scipy import ndimage
 
 from .cluster import optical_density
 from .errors import InputError
-from .export.atomic import atomic_write_text
+from .export.table import write_table
 
 __all__ = [
     "COLUMN_DOCS",
@@ -35,7 +33,6 @@ __all__ = [
     "column_docs",
     "compute_biomarkers",
     "format_value",
-    "rows_to_csv_text",
     "segment_measurements",
     "write_csv",
 ]
@@ -292,7 +289,7 @@ _NOT_BIOMARKERS = frozenset((*IDENTITY_COLUMNS, "n_clusters", "cell_size_um"))
 
 
 def biomarker_deltas(rows_by_angle: Mapping[float, Mapping[str, Any]]) -> dict[str, float]:
-    """How much each numeric biomarker moves under rotation (DESIGN 3.6).
+    """How much each numeric biomarker moves under rotation.
 
     ``rows_by_angle`` maps angle in degrees (must include 0) to a :func:`compute_biomarkers` row. For every
     numeric biomarker column ``X`` (identity, ``n_clusters`` and ``cell_size_um`` skipped) returns
@@ -343,23 +340,15 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def rows_to_csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The CSV text :func:`write_csv` writes: header from the first row's key order, ``\\n`` line ends."""
+def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Write rows (dicts with the same keys) as UTF-8 CSV, deterministically and atomically.
+
+    The header follows the first row's key order; cells are :func:`format_value` text.
+    """
     if not rows:
         raise InputError("no rows to write")
     cols = list(rows[0].keys())
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
     for n, r in enumerate(rows):
-        if list(r.keys()) != cols and set(r.keys()) != set(cols):
+        if set(r.keys()) != set(cols):
             raise InputError(f"row {n} has columns that differ from the first row's")
-        w.writerow([format_value(r[c]) for c in cols])
-    return buf.getvalue()
-
-
-def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write rows (dicts with the same keys) as UTF-8 CSV, deterministically and atomically."""
-    p = Path(path)
-    atomic_write_text(p, rows_to_csv_text(rows))
-    return p
+    return write_table(path, rows, cols, format_cell=format_value)

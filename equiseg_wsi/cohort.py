@@ -1,6 +1,6 @@
 """Cohort clustering: one KMeans model for many cores, and the original method's intra/inter analyses.
 
-Why (DESIGN 3.3): cores are comparable only when every core uses the same clusters. `fit_cohort` streams
+Why: cores are comparable only when every core uses the same clusters. `fit_cohort` streams
 every core/region (the regions `equiseg run` segments), samples `n_samples` tissue cells from EACH with a
 generator seeded from the run seed and the core's name (so a core's sample does not depend on the others),
 and fits one KMeans in canonical order. The original inter-subject code fitted on the first image only.
@@ -16,84 +16,59 @@ The original commands (`intra_subject.py`, `inter_subject.py`) map onto the prod
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from equiseg_wsi.cluster import ClusterModel, CohortSampler, fit_kmeans, optical_density
-from equiseg_wsi.errors import EquisegError, InputError
+from equiseg_wsi.cluster import ClusterModel, fit_kmeans, optical_density
+from equiseg_wsi.errors import InputError
+from equiseg_wsi.features import build_extractor
 from equiseg_wsi.inputs import SlideSource
+from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.robustness import CoreFailure, ModelUnderTest, RotationSeries, run_experiment, write_rotation_series
-from equiseg_wsi.runner import RunOptions, SlideResult, run_slides, write_run_outputs
-from equiseg_wsi.segment import Extractor, region_features, slide_regions
-from equiseg_wsi.slide import open_slide
+from equiseg_wsi.regions import Failures, each_region
+from equiseg_wsi.robustness import ModelUnderTest, RotationSeries, run_experiment
+from equiseg_wsi.robustness_report import write_rotation_series
+from equiseg_wsi.runner import SlideResult, run_slides, write_run_outputs
+from equiseg_wsi.sampling import CohortSampler
+from equiseg_wsi.segment import region_features
 
-__all__ = ["AnalysisResult", "FitFailure", "fit_cohort", "inter_subject", "intra_subject", "split_by_slide"]
+__all__ = ["AnalysisResult", "fit_cohort", "inter_subject", "intra_subject", "split_by_slide"]
 
 _ROWS_PER_CHUNK = 64  # feature-map rows fed to the sampler at a time (bounded memory for memory-mapped maps)
 
 
-@dataclass
-class FitFailure:
-    """A core or slide that could not contribute to the fit, with a one-line reason."""
-
-    source: str
-    error: str
-
-
 def fit_cohort(
     sources: Sequence[SlideSource],
-    extractor: Extractor,
-    feature_identity: dict[str, Any],
-    options: RunOptions,
+    job: RunJob,
     *,
     n_init: int = 10,
     on_region: Callable[[str], None] | None = None,
     progress: ProgressCallback = no_progress,
-) -> tuple[ClusterModel, list[FitFailure]]:
-    """Fit one KMeans on `options.segment.n_samples` tissue cells from every region of every source.
+) -> tuple[ClusterModel, Failures]:
+    """Fit one KMeans on `job.options.segment.n_samples` tissue cells from every region of every source.
 
-    Regions are found as `equiseg run` finds them (`options`: backend, mpp, tissue mask, TMA settings).
-
-    Features are streamed region by region (large regions through a scratch file) and only the per-region
-    samples are kept, so memory is one region's features plus n_samples x C floats per region. The model
-    records the feature identity and the region names it was fitted on (`slide/region`). Regions that fail
-    are returned as :class:`FitFailure`; raises InputError when no tissue cell was sampled at all.
+    Regions are found as `equiseg run` finds them. Features are streamed region by region (large regions
+    through a scratch file) and only the per-region samples are kept, so memory is one region's features plus
+    n_samples x C floats per region. The model records the feature identity and the region names it was
+    fitted on (`slide/region`). Regions that fail are returned as failures; raises InputError when no tissue
+    cell was sampled at all.
     """
-    seg = options.segment
+    seg = job.options.segment
+    extractor = build_extractor(job.spec)
     sampler = CohortSampler(seg.n_samples, seg.seed)
-    failures: list[FitFailure] = []
-    for source in sources:
-        try:
-            with open_slide(source.path, backend=options.backend, mpp=source.mpp or options.mpp) as slide:
-                found = slide_regions(
-                    slide, is_core=source.is_core, core_name=source.core or source.name,
-                    tissue_mpp=options.tissue_mpp, min_tissue_area_um2=options.tissue_min_area_um2,
-                    tma=options.tma, core_diameter_um=options.core_diameter_um,
-                )
-                if not found.areas:
-                    failures.append(FitFailure(source.name, f"{source.path}: no tissue found"))
-                    continue
-                for area in found.areas:
-                    name = f"{source.name}/{area.name}"
-                    if on_region is not None:
-                        on_region(name)
-                    try:
-                        with region_features(slide, area, extractor, seg, progress=progress) as rf:
-                            _feed(sampler, name, rf.features, rf.tissue, rf.rgb)
-                    except EquisegError as exc:
-                        failures.append(FitFailure(name, " ".join(str(exc).split())))
-        except EquisegError as exc:
-            failures.append(FitFailure(source.name, " ".join(str(exc).split())))
+    failures = Failures()
+    for item in each_region(sources, job.options.regions, failures, on_region=on_region):
+        with failures.catch(item.source.name, item.area.name):
+            with region_features(item.slide, item.area, extractor, seg, progress=progress) as rf:
+                _feed(sampler, item.key, rf.features, rf.tissue, rf.rgb)
     if not sampler.sources:
-        reasons = "; ".join(f"{f.source}: {f.error}" for f in failures) or "no inputs"
+        reasons = "; ".join(f.error for f in failures) or "no inputs"
         raise InputError(f"no tissue cells to fit on ({reasons})")
     features, od, _ = sampler.result()
     model = fit_kmeans(features, od, seg.n_clusters, seg.seed, n_init=n_init,
-                       feature_identity=feature_identity, sources=sampler.sources)
+                       feature_identity=extractor.feature_identity.as_dict(), sources=sampler.sources)
     return model, failures
 
 
@@ -131,30 +106,24 @@ class AnalysisResult:
 
     slides: list[SlideResult]
     series: list[RotationSeries]
-    rotation_failures: list[CoreFailure]
-    fit_failures: list[FitFailure] = field(default_factory=list)
+    failures: Failures = field(default_factory=Failures)  # rotation cores and fitting regions
     model: ClusterModel | None = None
     outputs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[str]:
         """One line per thing that went wrong (slides, rotation cores, fitting regions)."""
-        out = [r.error or r.name for r in self.slides if r.status == "failed"]
-        out += [f.error for f in self.rotation_failures]
-        out += [f.error for f in self.fit_failures]
-        return out
+        return [r.error or r.name for r in self.slides if r.status == "failed"] + [f.error for f in self.failures]
 
 
-def _tested(extractor: Extractor, identity: dict[str, Any]) -> ModelUnderTest:
-    kind = str(identity.get("arch", {}).get("kind", "model"))
-    return ModelUnderTest(kind, f"{kind} ({identity.get('source', '')})", extractor, identity)
+def _tested(job: RunJob) -> ModelUnderTest:
+    identity = build_extractor(job.spec).feature_identity
+    return ModelUnderTest(identity.kind, f"{identity.kind} ({identity.source})", job.spec)
 
 
 def intra_subject(
     sources: Sequence[SlideSource],
-    extractor: Extractor,
-    identity: dict[str, Any],
-    options: RunOptions,
+    job: RunJob,
     out_dir: Path,
     angles: Sequence[float],
     *,
@@ -163,18 +132,16 @@ def intra_subject(
 ) -> AnalysisResult:
     """The original intra-subject analysis: `run` with KMeans fitted per core, then each core's rotation
     series (KMeans fitted at 0° on that core, frozen for the other angles)."""
-    results = run_slides(sources, out_dir, extractor, options, identity, on_slide=on_slide, progress=progress)
-    write_run_outputs(out_dir, results, options, {"extractor": identity, "kmeans_model": None, "analysis": "intra"})
-    series, failures = run_experiment(sources, [_tested(extractor, identity)], options, angles, progress=progress)
+    results = run_slides(sources, out_dir, job, on_start=on_slide, progress=progress)
+    write_run_outputs(out_dir, results, job, analysis="intra")
+    series, failures = run_experiment(sources, [_tested(job)], job.options, angles, progress=progress)
     return AnalysisResult(results, series, failures, outputs=write_rotation_series(out_dir, series))
 
 
 def inter_subject(
     train: Sequence[SlideSource],
     test: Sequence[SlideSource],
-    extractor: Extractor,
-    identity: dict[str, Any],
-    options: RunOptions,
+    job: RunJob,
     out_dir: Path,
     angles: Sequence[float],
     *,
@@ -185,16 +152,15 @@ def inter_subject(
     """The original inter-subject analysis, fitted on EVERY training core: `fit_cohort` on `train`, saved as
     `OUT/kmeans_model.npz`, then `run` with that model on `test`, then each test core's rotation series
     with the same model at every angle."""
-    model, fit_failures = fit_cohort(train, extractor, identity, options, on_region=on_region, progress=progress)
+    model, failures = fit_cohort(train, job, on_region=on_region, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = model.save(out_dir / "kmeans_model.npz")
-    results = run_slides(test, out_dir, extractor, options, identity, model=model, on_slide=on_slide,
-                         progress=progress)
-    info = {"extractor": identity, "kmeans_model": str(model_path), "analysis": "inter",
-            "trained_on": list(model.sources)}
-    write_run_outputs(out_dir, results, options, info)
-    tested = _tested(extractor, identity)
-    series, failures = run_experiment(test, [tested], options, angles, cluster_models={tested.name: model},
-                                      progress=progress)
+    applied = replace(job, kmeans_model=str(model_path))
+    results = run_slides(test, out_dir, applied, on_start=on_slide, progress=progress)
+    write_run_outputs(out_dir, results, applied, analysis="inter", trained_on=list(model.sources))
+    tested = _tested(job)
+    series, rotation_failures = run_experiment(test, [tested], job.options, angles,
+                                               cluster_models={tested.name: model}, progress=progress)
+    failures.items[:0] = rotation_failures.items  # rotation failures first, as before
     outputs = {"model": model_path, **write_rotation_series(out_dir, series)}
-    return AnalysisResult(results, series, failures, fit_failures, model, outputs)
+    return AnalysisResult(results, series, failures, model, outputs)

@@ -6,8 +6,6 @@ file stem and whose core name is empty.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 from collections.abc import Iterable
@@ -18,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from equiseg_wsi.errors import EquisegError, InputError
-from equiseg_wsi.export.atomic import atomic_path, atomic_write_text
+from equiseg_wsi.export.atomic import atomic_path
+from equiseg_wsi.export.table import write_table
 from equiseg_wsi.slide import open_slide
 from equiseg_wsi.tissue import DEFAULT_MAX_HOLE_UM2, DEFAULT_MIN_AREA_UM2, DEFAULT_TISSUE_MPP, detect_tissue
 
@@ -83,7 +82,8 @@ def upsample_mask(mask: np.ndarray, px_level0: float, width: int, height: int) -
     """Nearest-neighbour mask at level 0: pixel (r, c) takes mask cell (floor((r+.5)/s), floor((c+.5)/s))."""
     rows = np.minimum(((np.arange(height) + 0.5) / px_level0).astype(np.int64), mask.shape[0] - 1)
     cols = np.minimum(((np.arange(width) + 0.5) / px_level0).astype(np.int64), mask.shape[1] - 1)
-    return mask[rows[:, None], cols[None, :]]
+    upsampled: np.ndarray = mask[rows[:, None], cols[None, :]]
+    return upsampled
 
 
 def _save_image(array: np.ndarray, path: Path) -> None:
@@ -146,12 +146,8 @@ def preprocess_core(
 
 def write_preprocess_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write the preprocess table (`PREPROCESS_COLUMNS`, one row per processed core) atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(PREPROCESS_COLUMNS), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
+    table = list(rows)  # an error while producing rows is not a write error
     try:
-        return atomic_write_text(path, buf.getvalue())
+        return write_table(path, table, PREPROCESS_COLUMNS)
     except OSError as exc:
         raise EquisegError(f"{path}: cannot write CSV ({exc.strerror or exc})") from exc

@@ -39,11 +39,35 @@ from .models.weights import (
     model_identity,
     random_model,
 )
+from .options import ExtractorSpec
 from .progress import ProgressCallback, no_progress
 
-__all__ = ["DEFAULT_HALO", "ExtractorSpec", "FeatureExtractor", "build_extractor", "resolve_device"]
+__all__ = ["DEFAULT_HALO", "FeatureExtractor", "build_extractor", "default_batch_size", "resolve_device"]
 
 DEFAULT_HALO = 96
+
+
+@dataclass(frozen=True)
+class FeatureIdentity:
+    """What makes two feature maps comparable: the model (architecture, weights' source, input normalisation),
+    the layer(s) and the µm/px the model saw. Saved cluster models record it and refuse other features."""
+
+    arch: dict[str, Any]
+    normalization: dict[str, list[float]]
+    layer: str | tuple[str, ...]
+    source: str  # "sha256:..." of the weights file, or "random-init seed=N"
+    target_mpp: float
+
+    @property
+    def kind(self) -> str:
+        """"sre" or "standard" convolution."""
+        return str(self.arch.get("kind", "model"))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form recorded in manifests and cluster-model files."""
+        layer = self.layer if isinstance(self.layer, str) else list(self.layer)
+        return {"arch": dict(self.arch), "normalization": {k: list(v) for k, v in self.normalization.items()},
+                "layer": layer, "source": self.source, "target_mpp": float(self.target_mpp)}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -86,8 +110,10 @@ class FeatureExtractor:
         mixed_precision: bool | None = None,
         channels_last: bool | None = None,
         amp_dtype: torch.dtype | None = None,
+        target_mpp: float | None = None,
     ) -> None:
         self.loaded = loaded
+        self.target_mpp = target_mpp
         self.arch: ArchSpec = loaded.arch
         if layers is None:
             layers = loaded.layer
@@ -108,7 +134,7 @@ class FeatureExtractor:
         self.amp_dtype = amp_dtype
         self.model: ResNetFeatures = loaded.model.to(self.device).eval()
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in torch's stubs
         norm = loaded.normalization
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(norm["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -132,6 +158,7 @@ class FeatureExtractor:
         batch_size: int = 8,
         mixed_precision: bool | None = None,
         channels_last: bool | None = None,
+        target_mpp: float | None = None,
     ) -> FeatureExtractor:
         """Build from a weights file (reference or project format), the packaged model, or a random init.
 
@@ -153,16 +180,26 @@ class FeatureExtractor:
         else:
             loaded = load_weights(Path(weights), arch=arch)
         return cls(loaded, layers=layer, device=device, batch_size=batch_size,
-                   mixed_precision=mixed_precision, channels_last=channels_last)
+                   mixed_precision=mixed_precision, channels_last=channels_last, target_mpp=target_mpp)
 
     # -- identity -----------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        """Model identity (arch, normalisation, layer(s), source) for manifests and cluster-model checks."""
+        """Model identity (arch, normalisation, layer(s), source), without the resolution."""
         layer: str | list[str] = self.layers[0] if len(self.layers) == 1 else list(self.layers)
         return model_identity(self.arch, self.loaded.normalization, layer, self.loaded.source)
 
     def identity_hash(self) -> str:
         return identity_hash(self.identity())
+
+    @property
+    def feature_identity(self) -> FeatureIdentity:
+        """The identity of this extractor's features at its target µm/px (set when it was built)."""
+        if self.target_mpp is None:
+            raise InputError("this feature extractor was built without a target µm/px")
+        ident = self.identity()
+        layer = self.layers[0] if len(self.layers) == 1 else tuple(self.layers)
+        return FeatureIdentity(ident["arch"], ident["normalization"], layer, str(ident["source"]),
+                               float(self.target_mpp))
 
     # -- inference ----------------------------------------------------------------------------------------
     def _prepare(self, batch: np.ndarray) -> torch.Tensor:
@@ -264,57 +301,27 @@ def default_batch_size(device: str | torch.device) -> int:
     return 1 if resolve_device(device).type == "cpu" else 16
 
 
-DEFAULT_MODEL_SEED = 0
-"""Seed of the random initialisation reached with ``weights="random"`` (SRE-ResNet-18, seed 0)."""
 
 
-def build_extractor(
-    weights: str | os.PathLike[str] | None,
-    *,
-    layer: str = DEFAULT_LAYER,
-    device: str = "auto",
-    batch_size: int | None = None,
-    target_mpp: float,
-) -> tuple[FeatureExtractor, dict[str, Any]]:
-    """The extractor every command uses, and the feature identity that cluster models are checked against.
+def build_extractor(spec: ExtractorSpec) -> FeatureExtractor:
+    """The one way every command builds its feature model: built once per process (and spec), then reused."""
+    return _cached_extractor(spec)
 
-    `weights`: a file, None for the packaged trained SRE model, or "random" for the seeded random init.
-    `layer` may join several layers with '+'. The identity adds the resolution the model sees, because
-    features of the same model at another µm/px are not comparable.
-    """
-    layers = [name.strip() for name in layer.split("+") if name.strip()]
-    if batch_size is None:
-        batch_size = default_batch_size(device)
-    extractor = FeatureExtractor.from_weights(
-        weights, seed=DEFAULT_MODEL_SEED, layer=layers if len(layers) > 1 else layers[0],
-        device=device, batch_size=batch_size,
+
+@functools.lru_cache(maxsize=4)
+def _cached_extractor(spec: ExtractorSpec) -> FeatureExtractor:
+    layers = spec.layers()
+    batch_size = default_batch_size(spec.device) if spec.batch_size is None else spec.batch_size
+    arch = ArchSpec(kind=spec.kind) if spec.weights in (None, RANDOM_INIT) else None  # a file knows its own
+    return FeatureExtractor.from_weights(
+        spec.weights, seed=spec.seed, arch=arch,
+        layer=layers if len(layers) > 1 else layers[0], device=spec.device, batch_size=batch_size,
+        target_mpp=spec.target_mpp,
     )
-    return extractor, {**extractor.identity(), "target_mpp": float(target_mpp)}
-
-
-@dataclass(frozen=True)
-class ExtractorSpec:
-    """Everything needed to rebuild the same extractor in another process (a Dask worker)."""
-
-    weights: str | None = None
-    layer: str = DEFAULT_LAYER
-    device: str = "auto"
-    batch_size: int | None = None
-    target_mpp: float = 2.5
-
-    def build(self) -> tuple[FeatureExtractor, dict[str, Any]]:
-        """The extractor and its feature identity, built once per process and then reused."""
-        return _cached_extractor(self)
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_extractor(spec: ExtractorSpec) -> tuple[FeatureExtractor, dict[str, Any]]:
-    return build_extractor(spec.weights, layer=spec.layer, device=spec.device, batch_size=spec.batch_size,
-                           target_mpp=spec.target_mpp)
 
 
 def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-__all__ += ["DEFAULT_LAYER", "DEFAULT_NORMALIZATION"]
+__all__ += ["DEFAULT_LAYER", "DEFAULT_NORMALIZATION", "FeatureIdentity"]

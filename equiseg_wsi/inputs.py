@@ -148,3 +148,45 @@ def mpp_by_file(path: str | os.PathLike[str]) -> dict[str, float]:
         if mpp is not None:
             out[Path(row["path"]).name] = mpp
     return out
+
+
+# Header names (lower case) of the core-name and case-id columns of a case-id CSV.
+_NAME_KEYS = ("core", "core name", "core_name", "name", "core id", "core_id")
+_CASE_KEYS = ("case id", "case_id", "case", "unique id", "unique_id", "patient", "patient id", "patient_id")
+
+
+def read_case_ids(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Core name -> case id from a CSV (header with a core-name and a case-id column, or two plain columns)."""
+    target = Path(path)
+    try:
+        text = target.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{target}: cannot read case ids ({exc.__class__.__name__}: {exc})") from exc
+    rows = [r for r in csv.reader(text.splitlines()) if any(cell.strip() for cell in r)]
+    if not rows:
+        raise InputError(f"{target}: no rows (expected columns: core name, case id)")
+    header = [h.strip().lower() for h in rows[0]]
+    ni = next((header.index(k) for k in _NAME_KEYS if k in header), None)
+    ci = next((header.index(k) for k in _CASE_KEYS if k in header), None)
+    has_header = ni is not None or ci is not None
+    if ni is None:
+        ni = 0 if ci != 0 else 1
+    if ci is None:
+        ci = 1 if ni != 1 else 0
+    if len(header) < 2:
+        raise InputError(f"{target}: need two columns, core name and case id")
+    if has_header:
+        rows = rows[1:]
+    out: dict[str, str] = {}
+    for n, r in enumerate(rows, start=2):
+        if max(ni, ci) >= len(r):
+            raise InputError(f"{target}:{n}: expected at least {max(ni, ci) + 1} columns")
+        name, case = r[ni].strip(), r[ci].strip()
+        if not name:
+            continue
+        if any(ch in case for ch in "\t\r\n"):
+            raise InputError(f"{target}:{n}: case id {case!r} contains a tab or newline")
+        if name in out and out[name] != case:
+            raise InputError(f"{target}:{n}: core {name} has two case ids ({out[name]!r}, {case!r})")
+        out[name] = case
+    return out

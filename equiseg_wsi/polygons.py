@@ -1,6 +1,6 @@
 """Label map -> valid, gap-free polygons in level-0 pixels (QuPath's frame).
 
-Why it is done this way (DESIGN 3.4):
+Why it is done this way:
 
 * Polygons are traced along pixel edges with ``rasterio.features.shapes`` (GDAL's polygonizer), never by
   contour following: neighbouring labels then share their borders exactly, and the area of a label's polygon
@@ -33,8 +33,10 @@ from rasterio import features as rio_features
 from rasterio.transform import Affine
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry.base import BaseGeometry
 
 from equiseg_wsi.errors import EquisegError
+from equiseg_wsi.export.qupath_check import SNAP_GRID
 
 __all__ = [
     "DEFAULT_SIMPLIFY_TOLERANCE",
@@ -47,9 +49,6 @@ __all__ = [
     "snap_valid",
     "tissue_outline",
 ]
-
-#: QuPath's coordinate grid (px): since QuPath 0.6 every imported geometry is snapped to it.
-SNAP_GRID = 0.01
 
 #: Default coverage-simplification tolerance, in label-map cells (Visvalingam-Whyatt: roughly the square root
 #: of the largest triangle area removed). 1.0 removes the one-cell staircase of oblique borders while areas
@@ -155,7 +154,7 @@ def remove_small_segments(labels: np.ndarray, min_cells: int) -> np.ndarray:
     Returns a new int32 array; ``labels`` is not modified.
     """
     arr = _check_labels(labels)
-    out = arr.copy()
+    out: np.ndarray = arr.copy()
     if min_cells <= 1 or not arr.any():
         return out
     comp, comp_label = _components(arr)
@@ -209,7 +208,8 @@ def remove_small_segments(labels: np.ndarray, min_cells: int) -> np.ndarray:
         parent = nxt
     lut = label_of[parent].astype(np.int32)
     lut[0] = 0
-    return lut[comp]
+    relabelled: np.ndarray = lut[comp]
+    return relabelled
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def remove_small_segments(labels: np.ndarray, min_cells: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _polygonal(geom: shapely.Geometry) -> MultiPolygon:
+def _polygonal(geom: BaseGeometry) -> MultiPolygon:
     """Keep only the polygonal parts of ``geom`` (make_valid may add lines/points) as one MultiPolygon."""
     parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon")]
     polys: list[Polygon] = []
@@ -227,14 +227,14 @@ def _polygonal(geom: shapely.Geometry) -> MultiPolygon:
     return MultiPolygon(polys)
 
 
-def _as_valid_multipolygon(geom: shapely.Geometry) -> MultiPolygon:
+def _as_valid_multipolygon(geom: BaseGeometry) -> MultiPolygon:
     """Make a geometry valid and polygonal, as a MultiPolygon (QuPath rejects invalid geometry)."""
     if not geom.is_valid:
         geom = shapely.make_valid(geom)
     return _polygonal(geom)
 
 
-def snap_valid(geom: shapely.Geometry, grid: float = SNAP_GRID) -> MultiPolygon:
+def snap_valid(geom: BaseGeometry, grid: float = SNAP_GRID) -> MultiPolygon:
     """Snap a polygonal geometry to QuPath's 0.01 px grid and guarantee it is still valid.
 
     First rounds every vertex (fast, and what QuPath's reducer does to valid input). If that breaks validity
@@ -291,7 +291,8 @@ def _to_level0(geoms: dict[int, MultiPolygon], placement: GridPlacement) -> dict
     offset = np.array([x0, y0])
 
     def affine(coords: np.ndarray) -> np.ndarray:
-        return coords * cell + offset
+        moved: np.ndarray = coords * cell + offset
+        return moved
 
     return {k: shapely.transform(g, affine) for k, g in geoms.items()}
 
@@ -338,7 +339,7 @@ def tissue_outline(
     simplify_tolerance: float = DEFAULT_SIMPLIFY_TOLERANCE,
     *,
     simplify_boundary: bool = False,
-    polygons: Mapping[int, shapely.Geometry] | None = None,
+    polygons: Mapping[int, BaseGeometry] | None = None,
 ) -> MultiPolygon:
     """The region outline: the union of all segments, consistent with ``label_map_to_polygons``.
 
@@ -362,6 +363,6 @@ def tissue_outline(
     return snap_valid(union)
 
 
-def polygon_vertex_count(geom: shapely.Geometry) -> int:
+def polygon_vertex_count(geom: BaseGeometry) -> int:
     """Number of coordinates QuPath will hold for this geometry (closing vertices included)."""
     return int(shapely.get_num_coordinates(geom))

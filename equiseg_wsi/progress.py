@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
-
-class ProgressCallback(Protocol):
-    def __call__(self, done: int, total: int, what: str) -> None:
-        """`done` of `total` units of `what` (e.g. "tiles", "slides") are finished."""
+ProgressCallback = Callable[[int, int, str], None]
+"""Called with (done, total, what): `done` of `total` units of `what` (e.g. "tiles", "slides") are finished."""
 
 
 def no_progress(done: int, total: int, what: str) -> None:

@@ -1,4 +1,4 @@
-"""Agreement between two label maps on the tissue both share (the rotation protocol, DESIGN 3.6).
+"""Agreement between two label maps on the tissue both share (the rotation-robustness protocol).
 
 Why only shared tissue: after rotating back, a few border cells are tissue in one map and not the other;
 comparing there would measure interpolation, not the features. Positions where either map is 0 are ignored.

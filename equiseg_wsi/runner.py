@@ -7,13 +7,15 @@ slide is complete (every other file is written atomically before it). The run-le
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,37 +26,20 @@ from equiseg_wsi.errors import EquisegError, InputError, NoTissueError
 from equiseg_wsi.export.atomic import atomic_write_text, remove_stale_temporaries
 from equiseg_wsi.export.geojson import cluster_class_name, cluster_color, object_id, qupath_feature, write_geojson
 from equiseg_wsi.export.overlay import label_image, render_overlay, save_png
+from equiseg_wsi.export.tma_outputs import export_dearray
+from equiseg_wsi.features import build_extractor
 from equiseg_wsi.inputs import SlideSource
+from equiseg_wsi.options import RunJob, RunOptions
 from equiseg_wsi.polygons import GridPlacement, label_map_to_polygons, tissue_outline
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.segment import Extractor, RegionSegmentation, SegmentOptions, segment_region, slide_regions
-from equiseg_wsi.slide import Slide, open_slide
-from equiseg_wsi.tma import export_dearray
+from equiseg_wsi.regions import Failures, SlideRegions, one_line, open_regions
+from equiseg_wsi.segment import Extractor, RegionSegmentation, segment_region
+from equiseg_wsi.slide import Slide
 
 log = logging.getLogger(__name__)
 
 SLIDE_RECORD = "slide.json"
 OVERLAY_MAX_SIDE = 1600  # px; overlays of large regions are drawn at a coarser resolution
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Everything that decides a run's outputs (recorded in the manifest)."""
-
-    segment: SegmentOptions = field(default_factory=SegmentOptions)
-    backend: str = "auto"
-    mpp: float | None = None  # µm/px for files without resolution metadata
-    tissue_mpp: float = 8.0
-    tissue_min_area_um2: float = 20000.0
-    simplify_cells: float = 0.0  # polygon simplification tolerance, in feature cells (0: exact cell edges)
-    apply_bounds_offset: bool = True  # subtract OpenSlide bounds-x/-y so GeoJSON lands where QuPath shows it
-    overwrite: bool = False
-    tma: bool | None = None  # None: dearray whole slides that look like a TMA; True/False: always/never
-    core_diameter_um: float | None = None  # TMA core diameter; None: estimated
-    case_ids: dict[str, str] = field(default_factory=dict)  # TMA core name -> case id
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -94,17 +79,26 @@ def load_record(out_dir: Path, source: SlideSource) -> SlideResult | None:
     return result
 
 
-def process_slide(
-    source: SlideSource,
-    out_dir: Path,
-    extractor: Extractor,
-    options: RunOptions,
-    feature_identity: dict[str, Any],
-    *,
-    model: ClusterModel | None = None,
-    progress: ProgressCallback = no_progress,
-) -> SlideResult:
+@functools.lru_cache(maxsize=4)
+def _cached_cluster_model(path: str, stamp: tuple[int, int]) -> ClusterModel:
+    return ClusterModel.load(path)
+
+
+def load_cluster_model(path: str | None) -> ClusterModel | None:
+    """A saved cohort model, loaded once per process and file version (workers reuse it for every slide)."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the KMeans model ({exc.strerror or exc})") from exc
+    return _cached_cluster_model(str(path), (st.st_mtime_ns, st.st_size))
+
+
+def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: ProgressCallback = no_progress
+                  ) -> SlideResult:
     """Segment every region of one slide and write its outputs; errors become a failed result, not a raise."""
+    options = job.options
     if not options.overwrite:
         done = load_record(out_dir, source)
         if done is not None:
@@ -114,16 +108,16 @@ def process_slide(
     result = SlideResult(name=source.name, path=str(source.path), status="failed")
     remove_stale_temporaries(_slide_dir(out_dir, source))  # what a killed run of this slide left behind
     try:
-        with open_slide(source.path, backend=options.backend, mpp=source.mpp or options.mpp) as slide:
-            _segment_slide(slide, source, out_dir, extractor, options, feature_identity, model, progress, result)
+        extractor = build_extractor(job.spec)
+        _segment_slide(source, out_dir, extractor, options, load_cluster_model(job.kmeans_model), progress, result)
         result.status = "done"
     except EquisegError as exc:
-        result.error = " ".join(str(exc).split())
+        result.error = one_line(exc)
     except MemoryError:
         result.error = f"{source.path}: out of memory"
     except Exception as exc:  # one bad slide must not stop a batch; the manifest carries the cause
         log.debug("unexpected failure on %s", source.path, exc_info=True)
-        result.error = f"{source.path}: {exc.__class__.__name__}: {' '.join(str(exc).split())}"
+        result.error = f"{source.path}: {exc.__class__.__name__}: {one_line(exc)}"
     result.seconds["total"] = round(time.perf_counter() - start, 3)
     if result.status == "done":
         record = _slide_dir(out_dir, source) / SLIDE_RECORD
@@ -132,62 +126,75 @@ def process_slide(
 
 
 def _segment_slide(
-    slide: Slide,
     source: SlideSource,
     out_dir: Path,
     extractor: Extractor,
     options: RunOptions,
-    feature_identity: dict[str, Any],
     model: ClusterModel | None,
     progress: ProgressCallback,
     result: SlideResult,
 ) -> None:
     t0 = time.perf_counter()
-    found = slide_regions(slide, is_core=source.is_core, core_name=source.core or source.name,
-                          tissue_mpp=options.tissue_mpp, min_tissue_area_um2=options.tissue_min_area_um2,
-                          tma=options.tma, core_diameter_um=options.core_diameter_um)
-    grid, areas = found.grid, found.areas
-    folder = _slide_dir(out_dir, source)
-    outputs: list[Path] = []
-    if grid is not None:
-        outputs.extend(export_dearray(grid, slide, folder, case_ids=options.case_ids).values())
-    result.seconds["tissue"] = round(time.perf_counter() - t0, 3)
-    if not areas:
-        raise NoTissueError(f"{source.path}: no tissue found (tissue fraction {found.tissue.tissue_fraction:.1%})")
-    folder.mkdir(parents=True, exist_ok=True)
-    offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
-    seg_opts = options.segment
-    k = model.k if model is not None else seg_opts.n_clusters
-    features: list[dict[str, Any]] = []
-    t_features = 0.0
-    for area in areas:
-        t1 = time.perf_counter()
-        try:
-            seg = segment_region(slide, area, extractor, seg_opts, model=model,
-                                 feature_identity=feature_identity, progress=progress)
-        except EquisegError as exc:  # e.g. too little tissue for K clusters: the slide's other regions go on
-            result.failed_regions[area.name] = " ".join(str(exc).split())
-            continue
-        t_features += time.perf_counter() - t1
-        identity = {"slide": source.slide, "region": area.name, "source_path": str(source.path),
-                    "case_id": source.case_id}
-        if grid is not None:  # 1-based like the cores CSV
-            core = grid.core(area.name)
-            identity.update(grid_row=core.row + 1, grid_column=core.col + 1,
-                            case_id=options.case_ids.get(area.name, source.case_id))
-        result.regions.append(compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um, identity))
-        result.tissue_area_mm2 += float((seg.labels > 0).sum()) * seg.cell_um**2 / 1e6
-        features.extend(_region_annotations(source, seg, k, offset, options.simplify_cells))
-        outputs.extend(_region_pictures(slide, folder, seg, k))
-    if not result.regions:
-        reasons = "; ".join(f"{k}: {v}" for k, v in result.failed_regions.items())
-        raise NoTissueError(f"{source.path}: no region could be segmented ({reasons})")
-    result.seconds["segment"] = round(t_features, 3)
+    with open_regions(source, options.regions) as (slide, found):
+        folder = _slide_dir(out_dir, source)
+        outputs: list[Path] = []
+        if found.grid is not None:
+            outputs.extend(export_dearray(found.grid, slide, folder, case_ids=options.case_ids).values())
+        result.seconds["tissue"] = round(time.perf_counter() - t0, 3)
+        folder.mkdir(parents=True, exist_ok=True)
+        features = _segment_regions(slide, source, found, folder, extractor, options, model, progress, result)
+        outputs.extend(features.pictures)
     geojson = folder / f"{source.name}.geojson"
-    write_geojson(geojson, features)
+    write_geojson(geojson, features.annotations)
     table = write_csv(folder / "biomarkers.csv", result.regions)
     outputs.extend([geojson, table])
     result.outputs = sorted(str(p.relative_to(out_dir)) for p in outputs)
+
+
+@dataclass
+class _SlideOutputs:
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+    pictures: list[Path] = field(default_factory=list)
+
+
+def _segment_regions(
+    slide: Slide, source: SlideSource, found: SlideRegions, folder: Path, extractor: Extractor,
+    options: RunOptions, model: ClusterModel | None, progress: ProgressCallback, result: SlideResult,
+) -> _SlideOutputs:
+    """Segment each region; a region that fails (e.g. too little tissue for K clusters) is recorded and the
+    slide's other regions go on. Raises when no region could be segmented."""
+    offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
+    k = model.k if model is not None else options.segment.n_clusters
+    out = _SlideOutputs()
+    failures = Failures()
+    t_features = 0.0
+    for area in found.areas:
+        t1 = time.perf_counter()
+        with failures.catch(source.name, area.name):
+            seg = segment_region(slide, area, extractor, options.segment, model=model, progress=progress)
+            t_features += time.perf_counter() - t1
+            result.regions.append(compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um,
+                                                     _identity(source, found, area.name, options)))
+            result.tissue_area_mm2 += float((seg.labels > 0).sum()) * seg.cell_um**2 / 1e6
+            out.annotations.extend(_region_annotations(source, seg, k, offset, options.simplify_cells))
+            out.pictures.extend(_region_pictures(slide, folder, seg, k))
+    result.failed_regions = {f.region: f.error for f in failures}
+    if not result.regions:
+        reasons = "; ".join(f"{f.region}: {f.error}" for f in failures)
+        raise NoTissueError(f"{source.path}: no region could be segmented ({reasons})")
+    result.seconds["segment"] = round(t_features, 3)
+    return out
+
+
+def _identity(source: SlideSource, found: SlideRegions, region: str, options: RunOptions) -> dict[str, Any]:
+    """The biomarker row's identity columns."""
+    identity: dict[str, Any] = {"slide": source.slide, "region": region, "source_path": str(source.path),
+                                "case_id": source.case_id}
+    if found.grid is not None:  # 1-based like the cores CSV
+        core = found.grid.core(region)
+        identity.update(grid_row=core.row + 1, grid_column=core.col + 1,
+                        case_id=options.case_ids.get(region, source.case_id))
+    return identity
 
 
 def _region_annotations(
@@ -222,7 +229,7 @@ def _region_pictures(slide: Slide, folder: Path, seg: RegionSegmentation, k: int
     names = [cluster_class_name(i + 1) for i in range(k)]
     h, w = seg.labels.shape
     extent = max(h, w) * seg.cell_level0 * slide.mpp  # µm
-    mpp = max(extent / OVERLAY_MAX_SIDE, seg.cell_um / 8)
+    mpp = max(extent / OVERLAY_MAX_SIDE, seg.cell_um / 8, slide.mpp)  # never finer than the scan
     scale = mpp / slide.mpp
     width = max(1, round(w * seg.cell_level0 / scale))
     height = max(1, round(h * seg.cell_level0 / scale))
@@ -245,9 +252,14 @@ def check_writable(out_dir: Path) -> None:
 
 
 def write_run_outputs(
-    out_dir: Path, results: Sequence[SlideResult], options: RunOptions, model_info: dict[str, Any]
+    out_dir: Path, results: Sequence[SlideResult], job: RunJob, **model_extra: Any
 ) -> tuple[Path, Path | None]:
-    """`OUT/manifest.json` (tool, options, model, per-slide status) and `OUT/biomarkers.csv` (all regions)."""
+    """`OUT/manifest.json` (tool, options, model, per-slide status) and `OUT/biomarkers.csv` (all regions).
+
+    The manifest's `model` names the feature identity and the applied KMeans model, plus `model_extra`."""
+    options = job.options
+    model_info = {"extractor": build_extractor(job.spec).feature_identity.as_dict(), "kmeans_model": job.kmeans_model,
+                  **model_extra}
     rows = [row for r in results for row in r.regions]
     table = write_csv(out_dir / "biomarkers.csv", rows) if rows else None
     manifest = {
@@ -276,23 +288,48 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+class Executor(Protocol):
+    """Runs `process_slide` for each source somewhere (this process, a Dask cluster); results in input order."""
+
+    def map_slides(
+        self, job: RunJob, sources: Sequence[SlideSource], out_dir: Path, *,
+        on_start: Callable[[int, SlideSource], None] | None = None,
+        on_result: Callable[[int, SlideResult], None] | None = None,
+        progress: ProgressCallback = no_progress,
+    ) -> list[SlideResult]: ...
+
+
+class InProcess:
+    """The embedded default: slides one after another in this process, the model loaded once."""
+
+    def map_slides(
+        self, job: RunJob, sources: Sequence[SlideSource], out_dir: Path, *,
+        on_start: Callable[[int, SlideSource], None] | None = None,
+        on_result: Callable[[int, SlideResult], None] | None = None,
+        progress: ProgressCallback = no_progress,
+    ) -> list[SlideResult]:
+        results = []
+        for i, source in enumerate(sources):
+            if on_start is not None:
+                on_start(i, source)
+            result = process_slide(source, out_dir, job, progress=progress)
+            if on_result is not None:
+                on_result(i, result)
+            results.append(result)
+        return results
+
+
 def run_slides(
     sources: Sequence[SlideSource],
     out_dir: Path,
-    extractor: Extractor,
-    options: RunOptions,
-    feature_identity: dict[str, Any],
+    job: RunJob,
     *,
-    model: ClusterModel | None = None,
-    on_slide: Callable[[int, SlideSource], None] | None = None,
+    executor: Executor | None = None,
+    on_start: Callable[[int, SlideSource], None] | None = None,
+    on_result: Callable[[int, SlideResult], None] | None = None,
     progress: ProgressCallback = no_progress,
 ) -> list[SlideResult]:
-    """Process slides one after another in this process (the embedded default executor)."""
+    """Process every slide with `executor` (default: in this process) and return their results in input order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, source in enumerate(sources):
-        if on_slide is not None:
-            on_slide(i, source)
-        results.append(process_slide(source, out_dir, extractor, options, feature_identity,
-                                     model=model, progress=progress))
-    return results
+    runner = executor if executor is not None else InProcess()
+    return runner.map_slides(job, sources, out_dir, on_start=on_start, on_result=on_result, progress=progress)

@@ -10,20 +10,25 @@ import math
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from equiseg_wsi.cluster import ClusterModel, fit_region
+from equiseg_wsi.context import fill_outside_tissue, tissue_pixels
 from equiseg_wsi.errors import NoTissueError
+from equiseg_wsi.features import FeatureIdentity
+from equiseg_wsi.options import SegmentOptions
 from equiseg_wsi.polygons import remove_small_segments
 from equiseg_wsi.progress import ProgressCallback, no_progress
+from equiseg_wsi.refine import fine_factor, refine_region
+from equiseg_wsi.regions import RegionArea
 from equiseg_wsi.slide import Slide
 from equiseg_wsi.tiling import Tile, TileGrid, read_tile
-from equiseg_wsi.tissue import TissueMap, TissueRegion, detect_tissue
+from equiseg_wsi.tissue import TissueMap
 
 # Features of regions smaller than this stay in RAM; larger ones go to a scratch file.
 IN_MEMORY_FEATURE_BYTES = 256 * 1024 * 1024
@@ -37,30 +42,10 @@ class Extractor(Protocol):
     batch_size: int
     recommended_halo: int
 
+    @property
+    def feature_identity(self) -> FeatureIdentity: ...
+
     def extract(self, tiles: np.ndarray, halo: int = 0) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class SegmentOptions:
-    """How a region is segmented; units in the names."""
-
-    n_clusters: int = 3
-    n_samples: int = 2000
-    seed: int = 42
-    target_mpp: float = 2.5
-    tile_size: int = 512
-    halo: int | None = None  # px at target_mpp; None: the extractor's recommended halo
-    min_segment_um2: float = 2000.0
-    min_cell_tissue: float = 0.5
-
-
-@dataclass
-class RegionArea:
-    """A region to segment: its name, level-0 rectangle and tissue mask (at the tissue map's resolution)."""
-
-    name: str
-    rect_level0: tuple[float, float, float, float]
-    tissue: TissueMap  # mask restricted to this region, same geometry as the slide's tissue map
 
 
 @dataclass
@@ -76,59 +61,6 @@ class RegionSegmentation:
     cell_um: float
     model: ClusterModel
     n_tiles: int
-
-
-def region_areas(tissue: TissueMap, as_one_core: bool, core_name: str, min_region_um2: float = 0.0) -> list[RegionArea]:
-    """A core image is one region (all its tissue); a slide without a TMA grid is one region per tissue piece
-    of at least `min_region_um2` µm²."""
-    if as_one_core:
-        rows, cols = np.nonzero(tissue.mask)
-        if rows.size == 0:
-            return []
-        px = tissue.px_level0
-        r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-        rect = (c0 * px, r0 * px, (c1 - c0) * px, (r1 - r0) * px)
-        return [RegionArea(core_name, rect, tissue)]
-    return [RegionArea(r.name, r.bbox_level0, _only(tissue, r)) for r in tissue.regions if r.area_um2 >= min_region_um2]
-
-
-@dataclass
-class SlideRegions:
-    """What `slide_regions` found: the slide's tissue map, its TMA grid (None unless dearrayed) and the regions."""
-
-    tissue: TissueMap
-    grid: Any  # equiseg_wsi.tma.TmaGrid | None (typed loosely: tma imports this module)
-    areas: list[RegionArea]
-
-
-def slide_regions(
-    slide: Slide,
-    *,
-    is_core: bool,
-    core_name: str,
-    tissue_mpp: float = 8.0,
-    min_tissue_area_um2: float = 20000.0,
-    tma: bool | None = None,
-    core_diameter_um: float | None = None,
-) -> SlideRegions:
-    """The regions `equiseg run` segments: a core image is one region; a TMA slide one region per present
-    core (dearrayed when `tma` is True, or when None and the slide looks like a TMA); any other slide one
-    region per tissue piece. One definition, so fit, run and robustness see the same regions."""
-    from equiseg_wsi.tma import core_areas, dearray, is_tma
-
-    tissue = detect_tissue(slide, tissue_mpp)  # debris removed; small pieces of a core image still count
-    if not is_core and tma is not False and (tma or is_tma(tissue)):
-        grid = dearray(tissue, core_diameter_um=core_diameter_um)
-        return SlideRegions(tissue, grid, core_areas(grid, tissue))
-    return SlideRegions(tissue, None, region_areas(tissue, is_core, core_name, min_tissue_area_um2))
-
-
-def _only(tissue: TissueMap, region: TissueRegion) -> TissueMap:
-    """The slide's tissue map with every other tissue piece removed (same geometry)."""
-    mask = np.zeros_like(tissue.mask)
-    c, r, w, h = region.bbox_mask
-    mask[r : r + h, c : c + w] = region.mask_crop
-    return TissueMap(mask=mask, mpp=tissue.mpp, px_level0=tissue.px_level0, tissue_fraction=float(mask.mean()))
 
 
 def cell_tissue_fraction(tissue: TissueMap, x0: float, y0: float, cell: float, shape: tuple[int, int]) -> np.ndarray:
@@ -190,9 +122,8 @@ def region_features(
     A context manager because a large region's features live in a scratch file that is removed on exit.
     """
     stride = extractor.stride
+    options.check_stride(stride)
     halo = extractor.recommended_halo if options.halo is None else options.halo
-    if options.tile_size % stride or halo % stride:
-        raise ValueError(f"tile size and halo must be multiples of the feature stride {stride}")
     s = options.target_mpp / slide.mpp  # level-0 px per target px
     cell = s * stride
     x0, y0, w, h = area.rect_level0
@@ -215,7 +146,7 @@ def region_features(
         features = _feature_store(Path(tmp), (gh, gw, extractor.channels))
         done = 0
         for tiles, pixels in _batches(wanted, slide, options.target_mpp, extractor.batch_size):
-            maps = extractor.extract(pixels, halo=halo)
+            maps = extractor.extract(_network_input(tiles, pixels, area, s, options.glass), halo=halo)
             for tile, fmap, px in zip(tiles, maps, pixels, strict=True):
                 r0, c0 = tile.row * cells_per_tile, tile.col * cells_per_tile
                 r1, c1 = min(r0 + cells_per_tile, gh), min(c0 + cells_per_tile, gw)
@@ -231,6 +162,19 @@ def region_features(
             del features
 
 
+def _network_input(tiles: list[Tile], pixels: np.ndarray, area: RegionArea, px_level0: float, glass: str
+                   ) -> np.ndarray:
+    """The tiles as the network sees them: as scanned, or with everything outside the region's tissue filled
+    with its tissue colours (the cells' mean colours are always measured on the scanned pixels)."""
+    if glass == "keep":
+        return pixels
+    out = np.empty_like(pixels)
+    for i, (tile, px) in enumerate(zip(tiles, pixels, strict=True)):
+        x, y = tile.halo_rect_level0[:2]
+        out[i] = fill_outside_tissue(px, tissue_pixels(area.tissue, x, y, px_level0, px.shape[:2]))
+    return out
+
+
 def segment_region(
     slide: Slide,
     area: RegionArea,
@@ -238,7 +182,6 @@ def segment_region(
     options: SegmentOptions,
     *,
     model: ClusterModel | None = None,
-    feature_identity: dict[str, Any] | None = None,
     progress: ProgressCallback = no_progress,
     scratch_dir: str | Path | None = None,
 ) -> RegionSegmentation:
@@ -247,14 +190,24 @@ def segment_region(
         if model is None:
             model = fit_region(
                 rf.features, rf.tissue, rf.rgb, options.n_clusters, options.n_samples, options.seed,
-                source=area.name, feature_identity=feature_identity,
+                source=area.name, feature_identity=extractor.feature_identity.as_dict(),
             )
         labels = model.predict(rf.features, mask=rf.tissue)
     cell_um = options.target_mpp * extractor.stride
-    min_cells = int(math.ceil(options.min_segment_um2 / (cell_um * cell_um)))
-    if min_cells > 1:
-        labels = remove_small_segments(labels, min_cells)
-    return RegionSegmentation(area.name, labels, rf.rgb, rf.x0, rf.y0, rf.cell_level0, cell_um, model, rf.n_tiles)
+    labels = _merge_small(labels, options.min_segment_um2, cell_um)
+    seg = RegionSegmentation(area.name, labels, rf.rgb, rf.x0, rf.y0, rf.cell_level0, cell_um, model, rf.n_tiles)
+    if options.refine == "colour":
+        factor = fine_factor(extractor.stride, options.target_mpp, labels.size)
+        fine, rgb = refine_region(slide, labels, area.tissue, rf.x0, rf.y0, rf.cell_level0, factor, model.k)
+        seg = replace(seg, labels=_merge_small(fine, options.min_segment_um2, cell_um / factor), rgb=rgb,
+                      cell_level0=rf.cell_level0 / factor, cell_um=cell_um / factor)
+    return seg
+
+
+def _merge_small(labels: np.ndarray, min_segment_um2: float, cell_um: float) -> np.ndarray:
+    """Segments smaller than `min_segment_um2` join the neighbour they share the longest border with."""
+    min_cells = int(math.ceil(min_segment_um2 / (cell_um * cell_um)))
+    return remove_small_segments(labels, min_cells) if min_cells > 1 else labels
 
 
 def _feature_store(folder: Path, shape: tuple[int, int, int]) -> np.ndarray:

@@ -29,7 +29,7 @@ def sample_rgb(sample_svs: Path) -> np.ndarray:
 @pytest.fixture(scope="session")
 def pyramid_svs(tmp_path_factory: pytest.TempPathFactory, sample_rgb: np.ndarray) -> Path:
     """A 3-level Aperio-style pyramid of a 1024 x 1536 crop of the real region, 0.499 µm/px."""
-    from equiseg_wsi.slide_writer import write_aperio_pyramid
+    from equiseg_wsi.testing.slide_writer import write_aperio_pyramid
 
     path = tmp_path_factory.mktemp("pyramid") / "pyramid3.svs"
     write_aperio_pyramid(path, np.ascontiguousarray(sample_rgb[:1536, :1024]), mpp=0.499, n_levels=3)

@@ -11,17 +11,9 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from equiseg_wsi.cluster import (
-    ClusterModel,
-    CohortSampler,
-    ReservoirSampler,
-    fit_kmeans,
-    fit_region,
-    l2_normalise,
-    optical_density,
-    sample_positions,
-)
+from equiseg_wsi.cluster import ClusterModel, fit_kmeans, fit_region, l2_normalise, optical_density
 from equiseg_wsi.errors import EquisegError, InputError, ModelMismatchError
+from equiseg_wsi.sampling import CohortSampler, ReservoirSampler, sample_positions
 
 IDENTITY = {"model_sha256": "abc123", "layer": "layer4", "target_mpp": 2.5, "input_norm": "[-1,1]"}
 

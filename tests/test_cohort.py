@@ -99,20 +99,17 @@ def test_mismatched_model_is_refused(shared_tissue: Path, cohort_model: Path, tm
 def test_every_training_core_influences_the_model(tmp_path: Path) -> None:
     """Fitting with and without one distinctive core (a blue-shifted copy) gives different centroids."""
     from equiseg_wsi.cohort import fit_cohort
-    from equiseg_wsi.features import build_extractor
     from equiseg_wsi.inputs import collect_inputs
-    from equiseg_wsi.runner import RunOptions
-    from equiseg_wsi.segment import SegmentOptions
+    from equiseg_wsi.options import ExtractorSpec, RegionOptions, RunJob, RunOptions, SegmentOptions
 
     rgb = np.asarray(Image.open(CORES / "slide001_core002.jpg").convert("RGB")).astype(np.int16)
     odd = np.clip(rgb[..., ::-1] + np.array([-40, 0, 40]), 0, 255).astype(np.uint8)
     Image.fromarray(odd).save(tmp_path / "slide009_core001.png")
     common = [CORES / "slide001_core001.jpg", CORES / "slide002_core001.jpg"]
-    extractor, identity = build_extractor(None, device="cpu", target_mpp=8.0)
-    options = RunOptions(SegmentOptions(target_mpp=8.0, halo=32), mpp=0.499)
-    without, _ = fit_cohort(collect_inputs(common, mpp=0.499), extractor, identity, options)
-    with_odd, failures = fit_cohort(collect_inputs([*common, tmp_path / "slide009_core001.png"], mpp=0.499),
-                                    extractor, identity, options)
+    job = RunJob(ExtractorSpec(device="cpu", target_mpp=8.0),
+                 RunOptions(SegmentOptions(target_mpp=8.0, halo=32), RegionOptions(mpp=0.499)))
+    without, _ = fit_cohort(collect_inputs(common, mpp=0.499), job)
+    with_odd, failures = fit_cohort(collect_inputs([*common, tmp_path / "slide009_core001.png"], mpp=0.499), job)
     assert not failures
     assert with_odd.sources[-1] == "slide009_core001/core001"
     assert with_odd.n_fit_samples > without.n_fit_samples

@@ -12,7 +12,7 @@ from PIL import Image
 from equiseg_cli.main import cli
 from equiseg_wsi.export.geojson import qupath_problems, read_geojson
 from equiseg_wsi.export.qptma import read_qptma
-from equiseg_wsi.tma import CORE_CSV_COLUMNS
+from equiseg_wsi.export.tma_outputs import CORE_CSV_COLUMNS
 
 SAMPLE_TMA = Path(__file__).resolve().parents[1] / "sample_data" / "tma" / "tma_3x4.svs"
 MISSING = {"A-2", "B-1"}

@@ -20,6 +20,7 @@ from equiseg_wsi.errors import InputError
 from equiseg_wsi.features import FeatureExtractor, build_extractor
 from equiseg_wsi.models.resnet import ArchSpec
 from equiseg_wsi.models.weights import default_weights, load_weights
+from equiseg_wsi.options import ExtractorSpec
 from equiseg_wsi.pretrain import (
     PretrainConfig,
     SlideViews,
@@ -288,9 +289,9 @@ def test_shipped_default_model_is_the_default() -> None:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     ex = FeatureExtractor.from_weights(None, device="cpu")
     assert ex.identity()["source"] == f"sha256:{digest}"
-    _, identity = build_extractor(None, device="cpu", target_mpp=2.5)
+    identity = build_extractor(ExtractorSpec(None, device="cpu", target_mpp=2.5)).feature_identity.as_dict()
     assert identity["source"] == f"sha256:{digest}"
-    _, random_identity = build_extractor("random", device="cpu", target_mpp=2.5)
+    random_identity = build_extractor(ExtractorSpec("random", device="cpu", target_mpp=2.5)).feature_identity.as_dict()
     assert random_identity["source"] == "random-init seed=0"
     explicit = FeatureExtractor.from_weights(None, random_init=True, device="cpu")
     assert explicit.identity()["source"] == "random-init seed=0"

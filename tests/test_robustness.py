@@ -101,9 +101,8 @@ def test_parse_angles() -> None:
 def sre_series():  # type: ignore[no-untyped-def]
     """SRE features on a real core at 5 µm/px, angles 0/90/180/270/30 (fast: a 128 px square)."""
     from equiseg_wsi.inputs import collect_inputs
+    from equiseg_wsi.options import RunOptions, SegmentOptions
     from equiseg_wsi.robustness import default_models, run_experiment
-    from equiseg_wsi.runner import RunOptions
-    from equiseg_wsi.segment import SegmentOptions
 
     sources = collect_inputs([CORE], mpp=0.499)
     sre = default_models(target_mpp=5.0, device="cpu")[:1]

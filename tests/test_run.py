@@ -17,7 +17,7 @@ from shapely.geometry import shape
 
 from equiseg_cli.main import cli
 from equiseg_wsi.export.geojson import qupath_problems, read_geojson
-from equiseg_wsi.slide_writer import write_aperio_pyramid
+from equiseg_wsi.testing.slide_writer import write_aperio_pyramid
 
 REPO = Path(__file__).resolve().parents[1]
 # Coarser than the default (2.5 µm/px) to keep the suite fast; the code path is the same.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from equiseg_wsi.slide import open_slide
-from equiseg_wsi.slide_writer import write_aperio_pyramid
+from equiseg_wsi.testing.slide_writer import write_aperio_pyramid
 from equiseg_wsi.tiling import TileGrid, read_tile
 from equiseg_wsi.tissue import TissueMap, detect_tissue
 

@@ -13,19 +13,13 @@ import pytest
 from equiseg_wsi.errors import InputError, NoTissueError
 from equiseg_wsi.export.geojson import feature_collection, qupath_problems
 from equiseg_wsi.export.qptma import qupath_core_name, read_qptma, write_qptma
+from equiseg_wsi.export.tma_outputs import CORE_CSV_COLUMNS, core_features, core_rows
+from equiseg_wsi.inputs import read_case_ids
+from equiseg_wsi.regions import core_areas
 from equiseg_wsi.slide import open_slide
+from equiseg_wsi.testing.tma_synth import SynthTma, make_tma_slide
 from equiseg_wsi.tissue import TissueMap, detect_tissue
-from equiseg_wsi.tma import (
-    CORE_CSV_COLUMNS,
-    TmaGrid,
-    core_areas,
-    core_features,
-    core_rows,
-    dearray,
-    is_tma,
-    read_case_ids,
-)
-from equiseg_wsi.tma_synth import SynthTma, make_tma_slide
+from equiseg_wsi.tma import TmaGrid, dearray, is_tma
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_TMA = REPO / "sample_data" / "tma" / "tma_3x4.svs"

@@ -1,7 +1,8 @@
 """Atomic file writes: an interrupted run never leaves a half-written file under its final name.
 
 Every writer in ``equiseg_wsi.export`` (GeoJSON, ``.qptma``, CSV, PNG, manifest) goes through this module so
-that a resumable run (DESIGN 3.7) can trust that any output present under its final name is complete.
+that a resumable run (one that skips slides whose outputs exist) can trust that any output present under its
+final name is complete.
 The temporary file lives in the same folder as the target, because ``os.replace`` is only atomic within one
 file system. Its name keeps the target's full name (and so its suffixes) at the end, e.g.
 ``.tmp-3f2a…-slide.geojson.gz``, so writers that pick a format from the suffix (Pillow) still work.

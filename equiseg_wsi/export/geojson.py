@@ -1,11 +1,12 @@
-"""QuPath's GeoJSON dialect (QuPath 0.4-0.7; DESIGN 3.4): build features, check them, write them.
+"""QuPath's GeoJSON dialect (QuPath 0.4-0.7): build features, check them, write them.
 
 QuPath is strict in ways plain GeoJSON is not: the object type lives in ``properties.objectType`` (and
 ``properties.type`` would be misread as one), a classification needs both ``name`` and ``color``,
 measurements are a flat dict of finite numbers, ids must be hyphenated UUIDs, and since 0.6 every geometry is
 snapped to a 0.01 px grid and one invalid geometry fails the whole import. ``qupath_feature`` only builds
-features that follow these rules, ``qupath_problems`` checks any collection against them, and
-``write_geojson`` writes deterministically (byte-identical output for identical input) and atomically.
+features that follow these rules, ``qupath_problems`` (defined in ``qupath_check``) checks any collection
+against them, and ``write_geojson`` writes deterministically (byte-identical output for identical input) and
+atomically.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from typing import Any
 import numpy as np
 import shapely
 from shapely.geometry import shape as shapely_shape
+from shapely.geometry.base import BaseGeometry
 
 from equiseg_wsi.errors import InputError
 from equiseg_wsi.export.atomic import atomic_write_bytes
+from equiseg_wsi.export.qupath_check import OBJECT_TYPES, SNAP_GRID, UUID_RE, qupath_problems
 
 __all__ = [
     "EQUISEG_NAMESPACE",
@@ -49,9 +52,6 @@ __all__ = [
 #: Namespace of every uuid5 this package makes: ids depend only on the names given to ``object_id``.
 EQUISEG_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/equiseg-wsi/object-id")
 
-#: Object types QuPath's GeoJSON import understands and keeps (``tmaCore`` is dropped on import: use .qptma).
-OBJECT_TYPES = ("annotation", "detection", "tile", "cell")
-
 #: Okabe & Ito (2008) colour-blind-safe palette, in the order clusters use it (black last: hides tissue).
 OKABE_ITO: tuple[tuple[int, int, int], ...] = (
     (230, 159, 0),  # orange
@@ -64,8 +64,6 @@ OKABE_ITO: tuple[tuple[int, int, int], ...] = (
     (0, 0, 0),  # black
 )
 
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_SNAP = 0.01
 _GZ_SUFFIX = ".geojson.gz"
 _SUFFIX = ".geojson"
 
@@ -171,21 +169,22 @@ def _round_coords(obj: Any) -> Any:
 
 def _geometry_dict(geometry: Any) -> dict[str, Any]:
     """A GeoJSON geometry mapping for a shapely geometry or anything with ``__geo_interface__``."""
-    if isinstance(geometry, shapely.Geometry):
+    geom: BaseGeometry
+    if isinstance(geometry, BaseGeometry):
         geom = geometry
     else:
         mapping = geometry.__geo_interface__ if hasattr(geometry, "__geo_interface__") else geometry
         if not isinstance(mapping, Mapping):
             raise GeoJSONError(f"geometry must be a shapely geometry or a GeoJSON mapping, got {type(geometry)}")
         try:
-            geom = shapely_shape(mapping)
+            geom = shapely_shape(dict(mapping))
         except Exception as exc:  # shapely raises several types for malformed input
             raise GeoJSONError(f"geometry cannot be read: {exc}") from exc
     if geom.geom_type not in ("Polygon", "MultiPolygon"):
         raise GeoJSONError(f"geometry must be a Polygon or MultiPolygon, got {geom.geom_type}")
     if geom.is_empty:
         raise GeoJSONError("geometry is empty")
-    snapped = shapely.set_precision(geom, _SNAP, mode="pointwise")
+    snapped = shapely.set_precision(geom, SNAP_GRID, mode="pointwise")
     if not snapped.is_valid:
         raise GeoJSONError(
             f"geometry is invalid after snapping to 0.01 px ({shapely.is_valid_reason(snapped)}); "
@@ -214,7 +213,7 @@ def qupath_feature(
     stay valid. ``class_name`` gets ``color`` or, if none is given, the cluster palette colour for
     ``"Cluster i"`` and a stable name-derived colour otherwise. ``metadata`` values become strings.
     """
-    if not isinstance(object_id, str) or not _UUID_RE.match(object_id):
+    if not isinstance(object_id, str) or not UUID_RE.match(object_id):
         raise GeoJSONError(f"object_id must be a hyphenated UUID string, got {object_id!r}")
     if object_type not in OBJECT_TYPES:
         raise GeoJSONError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
@@ -239,10 +238,10 @@ def qupath_feature(
         props["measurements"] = meas
     if metadata:
         meta: dict[str, str] = {}
-        for key, value in metadata.items():
+        for key, item in metadata.items():
             if not isinstance(key, str) or not key:
                 raise GeoJSONError(f"metadata keys must be non-empty strings, got {key!r}")
-            meta[key] = "" if value is None else str(value)
+            meta[key] = "" if item is None else str(item)
         props["metadata"] = meta
     if child_objects is not None:
         children = [dict(c) for c in child_objects]
@@ -254,150 +253,6 @@ def qupath_feature(
 def feature_collection(features: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Wrap features in a GeoJSON FeatureCollection (QuPath imports one per file)."""
     return {"type": "FeatureCollection", "features": [dict(f) for f in features]}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checking
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_finite_number(v: object) -> bool:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-        return False
-    return math.isfinite(float(v))
-
-
-def _geometry_problems(geom: object, where: str) -> list[str]:
-    if not isinstance(geom, Mapping):
-        return [f"{where}: geometry missing or not an object"]
-    gtype = geom.get("type")
-    if gtype not in ("Polygon", "MultiPolygon"):
-        return [f"{where}: geometry type must be Polygon or MultiPolygon, got {gtype!r}"]
-    try:
-        g = shapely_shape(geom)
-    except Exception as exc:  # malformed coordinates
-        return [f"{where}: geometry cannot be read ({exc})"]
-    if g.is_empty:
-        return [f"{where}: geometry is empty"]
-    coords = shapely.get_coordinates(g)
-    if not np.isfinite(coords).all():
-        return [f"{where}: geometry has non-finite coordinates"]
-    if not g.is_valid:
-        return [f"{where}: geometry invalid ({shapely.is_valid_reason(g)})"]
-    snapped = shapely.set_precision(g, _SNAP, mode="pointwise")
-    if not snapped.is_valid:
-        return [f"{where}: geometry invalid after snapping to 0.01 px ({shapely.is_valid_reason(snapped)})"]
-    return []
-
-
-def _feature_problems(feat: object, where: str) -> list[str]:
-    if not isinstance(feat, Mapping):
-        return [f"{where}: not an object"]
-    problems: list[str] = []
-    if feat.get("type") != "Feature":
-        problems.append(f"{where}: type must be 'Feature', got {feat.get('type')!r}")
-    fid = feat.get("id")
-    if not isinstance(fid, str) or not _UUID_RE.match(fid):
-        problems.append(f"{where}: id must be a hyphenated UUID string, got {fid!r}")
-    problems += _geometry_problems(feat.get("geometry"), where)
-    props = feat.get("properties")
-    if not isinstance(props, Mapping):
-        return problems + [f"{where}: properties missing or not an object"]
-    otype = props.get("objectType")
-    if otype is None:
-        problems.append(f"{where}: properties.objectType missing")
-    elif otype == "tmaCore":
-        problems.append(f"{where}: properties.objectType 'tmaCore' is dropped by QuPath's import (use .qptma)")
-    elif otype not in OBJECT_TYPES:
-        problems.append(f"{where}: properties.objectType {otype!r} is not one of {OBJECT_TYPES}")
-    if "type" in props:
-        problems.append(f"{where}: properties.type must not be used (QuPath reads it as the object type)")
-    if "name" in props and not isinstance(props["name"], str):
-        problems.append(f"{where}: properties.name must be a string")
-    if "isLocked" in props and not isinstance(props["isLocked"], bool):
-        problems.append(f"{where}: properties.isLocked must be true or false")
-    if "classification" in props:
-        cls = props["classification"]
-        if not isinstance(cls, Mapping):
-            problems.append(f"{where}: properties.classification must be an object")
-        else:
-            cname = cls.get("name")
-            if not isinstance(cname, str) or not cname:
-                problems.append(f"{where}: classification.name missing or not a string")
-            elif ":" in cname or "\n" in cname or "\r" in cname:
-                problems.append(f"{where}: classification.name {cname!r} contains ':' or a newline")
-            col = cls.get("color")
-            if col is None:
-                problems.append(f"{where}: classification.color missing (QuPath fails to parse the class)")
-            elif not (isinstance(col, list) and len(col) == 3 and all(_is_int(c) and 0 <= c <= 255 for c in col)):
-                problems.append(f"{where}: classification.color must be [r, g, b] integers 0-255, got {col!r}")
-    if "measurements" in props:
-        meas = props["measurements"]
-        if not isinstance(meas, Mapping):
-            problems.append(f"{where}: properties.measurements must be a flat object of numbers")
-        else:
-            for k, v in meas.items():
-                if not isinstance(k, str):
-                    problems.append(f"{where}: measurement name {k!r} is not a string")
-                elif not _is_finite_number(v):
-                    problems.append(f"{where}: measurement {k!r} must be a finite number, got {v!r}")
-    if "metadata" in props:
-        meta = props["metadata"]
-        if not isinstance(meta, Mapping):
-            problems.append(f"{where}: properties.metadata must be an object of strings")
-        else:
-            for k, v in meta.items():
-                if not isinstance(k, str) or not isinstance(v, str):
-                    problems.append(f"{where}: metadata {k!r} must map a string to a string, got {v!r}")
-    if "childObjects" in props:
-        children = props["childObjects"]
-        if not isinstance(children, list):
-            problems.append(f"{where}: properties.childObjects must be a list of features")
-        else:
-            for i, child in enumerate(children):
-                problems += _feature_problems(child, f"{where}.childObjects[{i}]")
-    return problems
-
-
-def qupath_problems(collection: object) -> list[str]:
-    """Every way ``collection`` breaks QuPath's import rules (DESIGN 3.4); empty means QuPath will import it.
-
-    Also flags duplicate ids (QuPath would keep both objects but the ids would no longer identify them).
-    """
-    if not isinstance(collection, Mapping):
-        return ["top level: not a JSON object"]
-    problems: list[str] = []
-    if collection.get("type") != "FeatureCollection":
-        problems.append(f"top level: type must be 'FeatureCollection', got {collection.get('type')!r}")
-    feats = collection.get("features")
-    if not isinstance(feats, list):
-        return problems + ["top level: features must be a list"]
-    for i, feat in enumerate(feats):
-        problems += _feature_problems(feat, f"features[{i}]")
-    seen: dict[str, str] = {}
-
-    def walk(feat: object, where: str) -> None:
-        if not isinstance(feat, Mapping):
-            return
-        fid = feat.get("id")
-        if isinstance(fid, str):
-            if fid in seen:
-                problems.append(f"{where}: id {fid} already used by {seen[fid]}")
-            else:
-                seen[fid] = where
-        props = feat.get("properties")
-        children = props.get("childObjects") if isinstance(props, Mapping) else None
-        if isinstance(children, list):
-            for j, child in enumerate(children):
-                walk(child, f"{where}.childObjects[{j}]")
-
-    for i, feat in enumerate(feats):
-        walk(feat, f"features[{i}]")
-    return problems
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,4 +361,5 @@ def read_geojson(path: str | os.PathLike[str]) -> dict[str, Any]:
     raw = target.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
-    return json.loads(raw.decode("utf-8"))
+    collection: dict[str, Any] = json.loads(raw.decode("utf-8"))
+    return collection

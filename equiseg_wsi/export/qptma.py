@@ -1,7 +1,7 @@
 """QuPath's TMA grid text format (``.qptma``): how a dearrayed grid reaches QuPath.
 
 QuPath's GeoJSON import drops ``tmaCore`` objects, so the grid travels as this small text file, dropped onto the
-image in QuPath (DESIGN 3.4). The layout follows QuPath's own writer and reader
+image in QuPath. The layout follows QuPath's own writer and reader
 (``TMADataIO.writeTMAData`` / ``importDearrayedTMAData`` and ``TMAScoreImporter.readCSV``)::
 
     TMA grid width: 12

@@ -1,4 +1,4 @@
-"""SRE-ResNet-18 as published and its standard-convolution twin (DESIGN 3.2).
+"""SRE-ResNet-18 as published and its standard-convolution twin.
 
 Stride-1 stem, no max-pool, four stages of basic blocks; a stage that downsamples does it with 2x2 average
 pooling *before* a stride-1 conv (strided convs would break rot90 equivariance), and its shortcut is
@@ -8,87 +8,14 @@ directly (``conv1``, ``bn1``, ``layerS.B.conv1[.1]``, ``layerS.B.conv2``, ``laye
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .arch import LAYER_NAMES, ArchSpec
 from .sre_conv import SREConv2d
 
-__all__ = ["ArchSpec", "BasicBlock", "ResNetFeatures", "build_model", "LAYER_STRIDES"]
-
-LAYER_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Everything needed to rebuild a model: ``build_model(spec)`` gives the same modules and keys.
-
-    kind: "sre" (ring kernels) or "standard" (ordinary K x K kernels, the robustness baseline).
-    num_classes: size of the training head ``fc``; 0 means no head (feature extraction only).
-    """
-
-    kind: str = "sre"
-    stem_kernel: int = 5
-    kernel_sizes: tuple[int, ...] = (9, 9, 5, 5)
-    widths: tuple[int, ...] = (64, 128, 256, 512)
-    blocks: tuple[int, ...] = (2, 2, 2, 2)
-    strides: tuple[int, ...] = (1, 2, 2, 2)
-    num_classes: int = 0
-    in_channels: int = 3
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("sre", "standard"):
-            raise ValueError(f"kind must be 'sre' or 'standard', got {self.kind!r}")
-        n = len(self.widths)
-        if not (len(self.kernel_sizes) == len(self.blocks) == len(self.strides) == n):
-            raise ValueError("kernel_sizes, widths, blocks and strides must have the same length")
-        for k in (self.stem_kernel, *self.kernel_sizes):
-            if k % 2 == 0 or k < 1:
-                raise ValueError(f"kernel sizes must be odd, got {k}")
-        for s in self.strides:
-            if s not in (1, 2):
-                raise ValueError(f"stage strides must be 1 or 2, got {s}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (stored in weight files and run manifests)."""
-        d = asdict(self)
-        for k in ("kernel_sizes", "widths", "blocks", "strides"):
-            d[k] = list(d[k])
-        if not d["extra"]:
-            d.pop("extra")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ArchSpec fields: {sorted(unknown)}")
-        kw = dict(d)
-        for k in ("kernel_sizes", "widths", "blocks", "strides"):
-            if k in kw:
-                kw[k] = tuple(int(v) for v in kw[k])
-        return cls(**kw)
-
-    def layer_strides(self) -> dict[str, int]:
-        """Output stride of each named layer relative to the input."""
-        out = {"stem": 1}
-        s = 1
-        for i, st in enumerate(self.strides):
-            s *= st
-            out[f"layer{i + 1}"] = s
-        return out
-
-    def layer_channels(self) -> dict[str, int]:
-        out = {"stem": self.widths[0]}
-        for i, w in enumerate(self.widths):
-            out[f"layer{i + 1}"] = w
-        return out
-
+__all__ = ["LAYER_NAMES", "LAYER_STRIDES", "ArchSpec", "BasicBlock", "ResNetFeatures", "build_model"]
 
 LAYER_STRIDES = ArchSpec().layer_strides()
 
@@ -110,10 +37,13 @@ def _kaiming(conv: nn.Conv2d, generator: torch.Generator | None) -> None:
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Eval-mode BatchNorm as ``y * scale + shift``."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    running_var, running_mean = bn.running_var, bn.running_mean
+    if running_var is None or running_mean is None:
+        raise ValueError("a BatchNorm without running statistics cannot be folded into a convolution")
+    scale = torch.rsqrt(running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
-    shift = -bn.running_mean * scale
+    shift = -running_mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
     return scale, shift
@@ -160,7 +90,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv(kind, planes, planes, k, generator)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample: nn.Module | None = None
+        self.downsample: nn.Sequential | None = None
         if stride != 1 or inplanes != planes:
             sc = nn.Conv2d(inplanes, planes, 1, bias=False)
             _kaiming(sc, generator)
@@ -172,7 +102,8 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        y: Tensor = self.relu(out + identity)
+        return y
 
     def _forward_fused(self, x: Tensor) -> Tensor:
         """Inference: BN folded into the convs, one shared avg-pool, fused residual + ReLU (same result)."""
@@ -183,6 +114,8 @@ class BasicBlock(nn.Module):
             identity = x
         else:
             pool, sc, bn = self.downsample
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise TypeError(f"the shortcut must end in a BatchNorm2d, got {type(bn).__name__}")
             same_pool = isinstance(self.conv1, nn.Sequential) and _same_pool(pool, self.conv1[0])
             identity = _conv_bn(sc, bn, xp if same_pool else pool(x))
         return _conv_bn(self.conv2, self.bn2, out, residual=identity, relu=True)
@@ -208,7 +141,7 @@ class ResNetFeatures(nn.Module):
             blocks += [BasicBlock(spec.kind, planes, planes, k, 1, generator) for _ in range(1, n)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             inplanes = planes
-        self.fc: nn.Module | None = None
+        self.fc: nn.Linear | None = None
         if spec.num_classes > 0:
             self.fc = nn.Linear(inplanes, spec.num_classes)
 
@@ -240,7 +173,8 @@ class ResNetFeatures(nn.Module):
         x = self.features(x, (self.stage_names[-1],))[self.stage_names[-1]]
         if self.fc is None:
             return x
-        return self.fc(torch.flatten(x.mean(dim=(2, 3), keepdim=True), 1))
+        logits: Tensor = self.fc(torch.flatten(x.mean(dim=(2, 3), keepdim=True), 1))
+        return logits
 
 
 def build_model(spec: ArchSpec, seed: int | None = None) -> ResNetFeatures:

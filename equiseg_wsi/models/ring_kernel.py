@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sre_conv import ring_masks, run_parts
+from .rings import ring_masks
+from .workers import run_parts
 
 __all__ = ["available", "ring_conv"]
 
@@ -40,7 +41,9 @@ def _compiled() -> Any:
         return None
 
     @njit(nogil=True, boundscheck=False, cache=True)
-    def ring_sums(x, y0, y1, c, pairs, out, v):  # pragma: no cover - compiled, tested through ring_conv
+    def ring_sums(  # pragma: no cover - compiled, tested through ring_conv
+        x: np.ndarray, y0: int, y1: int, c: int, pairs: np.ndarray, out: np.ndarray, v: np.ndarray
+    ) -> None:
         # x: (H, W, C) channels-last image; rows y0:y1 -> out[(y - y0) * W + x, r, i].
         # v: (c + 1, W + 2c, C) scratch whose c columns at each end stay zero (the conv's zero padding).
         h, w, cn = x.shape

@@ -1,4 +1,4 @@
-"""SRE convolution: isotropic K x K kernels with one learnable weight per ring (DESIGN 3.2).
+"""SRE convolution: isotropic K x K kernels with one learnable weight per ring.
 
 Each kernel is ``W[o, i] = sum_r w[o, i, r] * Mask_r``; the masks are fixed rings around the centre, so the
 layer is exactly equivariant to 90 degree rotations and flips (and close to it at any angle).  The
@@ -28,46 +28,26 @@ channels-last tensors; every path accepts either memory format.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .rings import num_rings, ring_masks
+from .workers import run_parts
+
 try:  # scipy is a project dependency; its pocketfft is faster than torch.fft on CPU
     import scipy.fft as _scipy_fft
+
+    _HAVE_SCIPY_FFT = True
 except ImportError:  # pragma: no cover - fall back to torch.fft
-    _scipy_fft = None
+    _HAVE_SCIPY_FFT = False
 
 __all__ = ["FORWARD_PATHS", "SREConv2d", "choose_path", "ring_masks", "num_rings", "set_forward_path"]
 
 FORWARD_PATHS = ("auto", "dense", "ring", "fft")
-
-
-def num_rings(kernel_size: int) -> int:
-    """Number of ring weights of a K x K SRE kernel (b = K//2 + 1)."""
-    return kernel_size // 2 + 1
-
-
-@lru_cache(maxsize=32)
-def _ring_masks_cached(kernel_size: int) -> Tensor:
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"SRE kernel size must be odd and positive, got {kernel_size}")
-    c = kernel_size // 2
-    b = num_rings(kernel_size)
-    ax = torch.arange(kernel_size, dtype=torch.float64) - c
-    dist = torch.sqrt(ax[:, None] ** 2 + ax[None, :] ** 2)
-    edges = torch.linspace(0.0, c + 0.5, b + 1, dtype=torch.float64)
-    masks = [((dist >= edges[r]) & (dist < edges[r + 1])) for r in range(b)]
-    return torch.stack(masks).to(torch.float32)
-
-
-def ring_masks(kernel_size: int) -> Tensor:
-    """Fixed binary ring masks, shape (b, K, K); pixels at distance >= K//2 + 0.5 (corners) belong to none."""
-    return _ring_masks_cached(kernel_size).clone()
 
 
 def choose_path(
@@ -108,33 +88,9 @@ def _good_fft_size(n: int) -> int:
         m += 1
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: start fresh pools
-    os.register_at_fork(after_in_child=_POOLS.clear)
-
-
-def _worker_pool(n: int) -> ThreadPoolExecutor:
-    """Shared pool of ``n`` threads whose torch ops run single-threaded (coarse-grained parallelism)."""
-    pool = _POOLS.get(n)
-    if pool is None:
-        pool = ThreadPoolExecutor(n, thread_name_prefix="sre-fft", initializer=torch.set_num_threads,
-                                  initargs=(1,))
-        _POOLS[n] = pool
-    return pool
-
-
-def run_parts(work: Callable[[int], None], n: int, in_pool: bool = True) -> None:
-    """``work(0) ... work(n - 1)``: on the shared single-threaded pool, or inline for one part."""
-    if n == 1 or not in_pool:
-        for k in range(n):
-            work(k)
-    else:
-        list(_worker_pool(n).map(work, range(n)))
-
-
 def _use_scipy_fft(x: Tensor) -> bool:
     """scipy's pocketfft with workers measured 2-4x faster than torch.fft on CPU; only without autograd."""
-    return (_scipy_fft is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.complex64)
+    return (_HAVE_SCIPY_FFT and x.device.type == "cpu" and x.dtype in (torch.float32, torch.complex64)
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
@@ -143,7 +99,8 @@ def _rfft2(x: Tensor, n_h: int, n_w: int) -> Tensor:
     if _use_scipy_fft(x):
         workers = max(1, torch.get_num_threads())
         return torch.from_numpy(_scipy_fft.rfft2(x.detach().numpy(), s=(n_h, n_w), workers=workers))
-    return torch.fft.rfft2(x, s=(n_h, n_w))
+    spectrum: Tensor = torch.fft.rfft2(x, s=(n_h, n_w))
+    return spectrum
 
 
 def _irfft2_crop(y: Tensor, n_h: int, n_w: int, h: int, w: int) -> Tensor:
@@ -152,7 +109,8 @@ def _irfft2_crop(y: Tensor, n_h: int, n_w: int, h: int, w: int) -> Tensor:
         workers = max(1, torch.get_num_threads())
         z = _scipy_fft.ifft(y.numpy(), axis=-2, workers=workers, overwrite_x=True)[..., :h, :]
         return torch.from_numpy(_scipy_fft.irfft(z, n=n_w, axis=-1, workers=workers, overwrite_x=True))[..., :w]
-    return torch.fft.irfft2(y, s=(n_h, n_w))[..., :h, :w]
+    image: Tensor = torch.fft.irfft2(y, s=(n_h, n_w))
+    return image[..., :h, :w]
 
 
 def _is_dense_layout(y: Tensor) -> bool:
@@ -174,8 +132,11 @@ class SREConv2d(nn.Module):
     """Symmetric rotation-equivariant 2-D convolution, stride 1, zero padding K//2.
 
     ``path`` forces a forward path ("dense", "ring", "fft") or leaves the choice to ``"auto"``.
-    Strides are deliberately unsupported: downsample with average pooling before the conv (DESIGN 3.2).
+    Strides are deliberately unsupported (they break the rotation equivariance): downsample with average
+    pooling before the conv.
     """
+
+    masks: Tensor  # registered buffer: the fixed ring masks (b, K, K)
 
     def __init__(
         self,
@@ -203,7 +164,7 @@ class SREConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         # Fixed geometry, not learnable and not saved: a checkpoint carries only the ring weights.
         self.register_buffer("masks", ring_masks(self.kernel_size), persistent=False)
-        self._mask_spectra: dict[tuple, Tensor] = {}
+        self._mask_spectra: dict[tuple[int | str, ...], Tensor] = {}
         self.reset_parameters(generator)
 
     @property
@@ -267,7 +228,7 @@ class SREConv2d(nn.Module):
         on a 2-core CPU separate BN / add / ReLU / copy passes cost as much as the convolutions.
         Equal to the unfused modules up to float rounding; uses the current weights on every call.
         """
-        bias = self.bias
+        bias: Tensor | None = self.bias
         if scale is not None and bias is not None:
             bias = bias * scale.to(bias.dtype)
         if shift is not None:
@@ -418,9 +379,10 @@ class SREConv2d(nn.Module):
         run_parts(work, nthreads, in_pool=xf.device.type == "cpu")
         return yf
 
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+    def _apply(self, fn: Callable[[Tensor], Tensor], *args: Any, **kwargs: Any) -> SREConv2d:
         self._mask_spectra = {}  # device or dtype changes: recompute the mask spectra lazily
-        return super()._apply(fn, *args, **kwargs)
+        applied: SREConv2d = super()._apply(fn, *args, **kwargs)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        return applied
 
 
 def set_forward_path(module: nn.Module, path: str) -> nn.Module:

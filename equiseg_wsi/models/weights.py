@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,9 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
-from .resnet import ArchSpec, ResNetFeatures, build_model
+from ..export.atomic import atomic_path
+from .arch import DEFAULT_LAYER, ArchSpec
+from .resnet import ResNetFeatures, build_model
 
 __all__ = [
     "DEFAULT_LAYER",
@@ -41,11 +42,11 @@ __all__ = [
     "load_weights",
     "random_model",
     "save_weights",
+    "write_torch_file",
 ]
 
 FORMAT_NAME = "equiseg-weights"
 FORMAT_VERSION = 1
-DEFAULT_LAYER = "layer4"
 # The reference models were trained on inputs scaled to [-1, 1]: (x/255 - 0.5) / 0.5.
 DEFAULT_NORMALIZATION: dict[str, list[float]] = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 _IGNORED_SUFFIXES = ("weight_index_mat",)
@@ -292,13 +293,16 @@ def save_weights(
         raise WeightsError(f"{p}: metadata must be plain JSON-like data: {exc}") from None
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     obj = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "state_dict": sd, "meta": meta}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return p
+    return write_torch_file(p, obj)
+
+
+def write_torch_file(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``torch.save`` published atomically (see :mod:`equiseg_wsi.export.atomic`); returns the path.
+
+    Saved through an open file, so the archive's inner folder is always named "archive": given a path, torch
+    names it after the (random) temporary file, and equal content would differ byte for byte.
+    """
+    target = Path(path)
+    with atomic_path(target) as tmp, open(tmp, "xb") as fh:
+        torch.save(obj, fh)
+    return target

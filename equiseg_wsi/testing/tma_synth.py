@@ -8,7 +8,7 @@ both open, with the resolution in its metadata. The same seed gives the same sli
 
 Run as a script to write one slide and its truth table (``OUT_truth.csv``)::
 
-    python -m equiseg_wsi.tma_synth OUT.svs --rows 3 --cols 4 --seed 7 --mpp 2 --rotation 3
+    python -m equiseg_wsi.testing.tma_synth OUT.svs --rows 3 --cols 4 --seed 7 --mpp 2 --rotation 3
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from scipy import ndimage
 
 from equiseg_wsi.export.atomic import atomic_write_text
 from equiseg_wsi.export.qptma import qupath_core_name
-from equiseg_wsi.slide_writer import write_aperio_pyramid
+from equiseg_wsi.testing.slide_writer import write_aperio_pyramid
 
 __all__ = ["DEFAULT_SOURCE", "SynthCore", "SynthTma", "make_tma_slide", "main"]
 
 #: The CC0 H&E region the core texture is cut from (0.499 µm/px, 2220 x 2967 px).
-DEFAULT_SOURCE = Path(__file__).resolve().parents[1] / "sample_data" / "CMU-1-Small-Region.svs"
+DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "sample_data" / "CMU-1-Small-Region.svs"
 # Glass colour of the source slide (median background) and the amplitude of a gentle illumination falloff.
 GLASS_RGB = (246.0, 243.0, 243.0)
 GLASS_SHADE = 4.0
@@ -152,7 +152,8 @@ def _disc(shape: tuple[int, int], cy: float, cx: float, radius: float, rng: np.r
     wobble = np.zeros_like(phi)
     for k in range(3, 7):
         wobble += rng.uniform(0.002, 0.008) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
-    return np.hypot(dy, dx) <= radius * (1 + wobble)
+    inside: np.ndarray = np.hypot(dy, dx) <= radius * (1 + wobble)
+    return inside
 
 
 def _fragment(inside: np.ndarray, gap_px: float, rng: np.random.Generator) -> list[tuple[np.ndarray, int, int]]:
@@ -162,7 +163,7 @@ def _fragment(inside: np.ndarray, gap_px: float, rng: np.random.Generator) -> li
     cy, cx = (h - 1) / 2, (w - 1) / 2
     n_cuts = int(rng.integers(1, 3))
     labels = np.zeros((h, w), np.int64)
-    normals = []
+    normals: list[tuple[float, float, float]] = []
     for i in range(n_cuts):
         a = rng.uniform(0, np.pi) if i == 0 else normals[0][2] + rng.uniform(np.pi / 3, 2 * np.pi / 3)
         n = np.array([math.cos(a), math.sin(a)])
@@ -179,7 +180,7 @@ def _fragment(inside: np.ndarray, gap_px: float, rng: np.random.Generator) -> li
             shift += sign * gap_px / 2 * np.array([nx, ny])
         pieces.append((m, shift, float(m.sum())))
     total = sum(p[2] for p in pieces)
-    mean = sum(p[1] * p[2] for p in pieces) / total  # area-weighted: the union keeps the disc's centroid
+    mean = np.asarray(sum(p[1] * p[2] for p in pieces)) / total  # area-weighted: the union keeps the disc's centroid
     return [(m, int(round(s[0] - mean[0])), int(round(s[1] - mean[1]))) for m, s, _ in pieces]
 
 
@@ -197,6 +198,49 @@ def _choose_missing(rng: np.random.Generator, rows: int, cols: int, n_missing: i
         if edges_ok:
             missing = trial
     return missing
+
+
+def _nodes(
+    rng: np.random.Generator, rows: int, cols: int, spacing: tuple[float, float], rotation_deg: float,
+    jitter: float, core_diameter_um: float, size_jitter: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Core centres in µm around the grid centre (jittered, then rotated) and core diameters in µm, per node."""
+    sx, sy = spacing
+    theta = math.radians(rotation_deg)
+    cos_t, sin_t = math.cos(theta), math.sin(theta)
+    centres_um = np.zeros((rows, cols, 2))
+    diam_um = np.zeros((rows, cols))
+    for r in range(rows):
+        for c in range(cols):
+            gx, gy = (c - (cols - 1) / 2) * sx, (r - (rows - 1) / 2) * sy
+            rad, ang = jitter * min(sx, sy) * math.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+            gx, gy = gx + rad * math.cos(ang), gy + rad * math.sin(ang)
+            centres_um[r, c] = (gx * cos_t - gy * sin_t, gx * sin_t + gy * cos_t)
+            diam_um[r, c] = core_diameter_um * (1 + rng.uniform(-size_jitter, size_jitter))
+    return centres_um, diam_um
+
+
+def _missing_positions(
+    rng: np.random.Generator, names: list[list[str]], missing: float | Sequence[str],
+) -> set[tuple[int, int]]:
+    """The (row, col) left empty: a random fraction of the grid, or the positions named in `missing`."""
+    rows, cols = len(names), len(names[0])
+    if isinstance(missing, (int, float)):
+        return _choose_missing(rng, rows, cols, int(round(float(missing) * rows * cols)))
+    wanted = set(missing)
+    gone = {(r, c) for r in range(rows) for c in range(cols) if names[r][c] in wanted}
+    unknown = wanted - {names[r][c] for r, c in gone}
+    if unknown:
+        raise ValueError(f"missing cores {sorted(unknown)} are not in the grid")
+    return gone
+
+
+def _glass(height: int, width: int) -> np.ndarray:
+    """Empty glass with a smooth vignette: real scans are not flat white, and per-pixel noise would bloat the JPEG."""
+    yy, xx = np.ogrid[0:height, 0:width]
+    shade = GLASS_SHADE * (((xx / max(width, 1) - 0.5) ** 2 + (yy / max(height, 1) - 0.5) ** 2) * 2)
+    canvas = np.clip(np.asarray(GLASS_RGB, np.float32) - shade[..., None].astype(np.float32), 0, 255)
+    return canvas.astype(np.uint8)
 
 
 def make_tma_slide(
@@ -238,28 +282,9 @@ def make_tma_slide(
     sx, sy = (spacing_um, spacing_um) if isinstance(spacing_um, (int, float)) else (spacing_um or (0.0, 0.0))
     sx = float(sx) or 1.5 * core_diameter_um
     sy = float(sy) or 1.5 * core_diameter_um
-    theta = math.radians(rotation_deg)
-    cos_t, sin_t = math.cos(theta), math.sin(theta)
     names = [[qupath_core_name(r, c, row_labels, col_labels) for c in range(cols)] for r in range(rows)]
-
-    # Grid nodes in µm around the grid centre: jitter, then rotation.
-    centres_um = np.zeros((rows, cols, 2))
-    diam_um = np.zeros((rows, cols))
-    for r in range(rows):
-        for c in range(cols):
-            gx, gy = (c - (cols - 1) / 2) * sx, (r - (rows - 1) / 2) * sy
-            rad, ang = jitter * min(sx, sy) * math.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
-            gx, gy = gx + rad * math.cos(ang), gy + rad * math.sin(ang)
-            centres_um[r, c] = (gx * cos_t - gy * sin_t, gx * sin_t + gy * cos_t)
-            diam_um[r, c] = core_diameter_um * (1 + rng.uniform(-size_jitter, size_jitter))
-    if isinstance(missing, (int, float)):
-        gone = _choose_missing(rng, rows, cols, int(round(float(missing) * rows * cols)))
-    else:
-        wanted = set(missing)
-        gone = {(r, c) for r in range(rows) for c in range(cols) if names[r][c] in wanted}
-        unknown = wanted - {names[r][c] for r, c in gone}
-        if unknown:
-            raise ValueError(f"missing cores {sorted(unknown)} are not in the grid")
+    centres_um, diam_um = _nodes(rng, rows, cols, (sx, sy), rotation_deg, jitter, core_diameter_um, size_jitter)
+    gone = _missing_positions(rng, names, missing)
     present = [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in gone]
     frag_idx = rng.permutation(len(present))[: max(0, min(n_fragmented, len(present)))]
     fragmented = {present[int(i)] for i in frag_idx}
@@ -269,11 +294,7 @@ def make_tma_slide(
     lo = centres_um.reshape(-1, 2).min(axis=0) - core_diameter_um / 2 - margin
     hi = centres_um.reshape(-1, 2).max(axis=0) + core_diameter_um / 2 + margin
     width, height = (int(math.ceil(v)) for v in (hi - lo) / mpp)
-    # Glass with a smooth vignette (real scans are not flat white; per-pixel noise would only bloat the JPEG).
-    yy, xx = np.ogrid[0:height, 0:width]
-    shade = GLASS_SHADE * (((xx / max(width, 1) - 0.5) ** 2 + (yy / max(height, 1) - 0.5) ** 2) * 2)
-    canvas = np.clip(np.asarray(GLASS_RGB, np.float32) - shade[..., None].astype(np.float32), 0, 255)
-    canvas = canvas.astype(np.uint8)
+    canvas = _glass(height, width)
     occupied = np.zeros((height, width), bool)
     src = _source(str(source), float(mpp))
 
@@ -367,7 +388,7 @@ def _paste_debris(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write a synthetic TMA slide and OUT_truth.csv next to it (silent on success)."""
-    p = argparse.ArgumentParser(prog="python -m equiseg_wsi.tma_synth", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m equiseg_wsi.testing.tma_synth", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="output slide path (.svs)")
     p.add_argument("--rows", type=int, default=3, help="grid rows (default 3)")
     p.add_argument("--cols", type=int, default=4, help="grid columns (default 4)")
