@@ -121,6 +121,9 @@ def _executor(scheduler: str | None, workers: int | None) -> Executor:
 
 def _report(results: list[Any], quiet: bool, started: float, out_dir: Path, manifest: Path) -> None:
     failed = [r for r in results if r.status == "failed"]
+    for r in results:
+        for line in r.warnings if r.status == "done" else []:
+            click.echo(f"Warning: {r.name}: {line}", err=True)
     for r in failed:
         click.echo(f"Error: {r.error}", err=True)
     if not quiet:

@@ -140,6 +140,8 @@ class FeatureExtractor:
         self._std = torch.tensor(norm["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._strides = {n: strides[n] for n in self.layers}
         self.stride: int = min(self._strides.values())
+        self.alignment: int = max(self._strides.values())
+        """Tile sides and halo must be multiples of this (the coarsest stride among the layers)."""
         """Pixels per output cell."""
         self.recommended_halo: int = _round_up(DEFAULT_HALO, max(strides[n] for n in self.layers))
         self.channels: int = sum(self.arch.layer_channels()[n] for n in self.layers)

@@ -81,7 +81,7 @@ class SegmentOptions:
         _check(0 < self.min_cell_tissue <= 1, "min_cell_tissue", f"must be in (0, 1], got {self.min_cell_tissue}")
 
     def check_stride(self, stride: int) -> None:
-        """Tiles and halo must hold whole feature cells of the chosen layer (`stride` px per cell)."""
+        """Tiles and halo must be whole multiples of the coarsest stride of the chosen layer(s) (`stride` px)."""
         _check(self.tile_size % stride == 0, "--tile-size",
                f"{self.tile_size} px is not a multiple of the feature stride {stride} px")
         if self.halo is not None:
@@ -161,13 +161,17 @@ class ExtractorSpec:
     def layers(self) -> list[str]:
         return [name.strip() for name in self.layer.split("+") if name.strip()]
 
-    def stride(self) -> int:
-        """Pixels per feature cell of `layer`, known without loading any weights."""
+    def strides(self) -> list[int]:
+        """Pixels per feature cell of each layer in `layer`, known without loading any weights."""
         strides = ArchSpec(kind=self.kind).layer_strides()
         names = self.layers()
         if not names or any(n not in strides for n in names):
             raise InputError(f"--layer: unknown feature layer {self.layer!r}; choose from {sorted(strides)}")
-        return min(strides[n] for n in names)
+        return [strides[n] for n in names]
+
+    def stride(self) -> int:
+        """Pixels per feature cell (the finest stride among the layers)."""
+        return min(self.strides())
 
 
 @dataclass(frozen=True)
@@ -186,4 +190,4 @@ class RunJob:
 
     def check(self) -> None:
         """Every rule that needs the model's layer (not its weights): fails before any weights are loaded."""
-        self.options.segment.check_stride(self.spec.stride())
+        self.options.segment.check_stride(max(self.spec.strides()))

@@ -53,6 +53,7 @@ class SlideResult:
     regions: list[dict[str, Any]] = field(default_factory=list)  # biomarker rows
     outputs: list[str] = field(default_factory=list)
     failed_regions: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # one line each (too few cells, clusters that vanished)
     seconds: dict[str, float] = field(default_factory=dict)
     tissue_area_mm2: float = 0.0
 
@@ -173,6 +174,7 @@ def _segment_regions(
         with failures.catch(source.name, area.name):
             seg = segment_region(slide, area, extractor, options.segment, model=model, progress=progress)
             t_features += time.perf_counter() - t1
+            result.warnings.extend(seg.warnings)
             result.regions.append(compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um,
                                                      _identity(source, found, area.name, options)))
             result.tissue_area_mm2 += float((seg.labels > 0).sum()) * seg.cell_um**2 / 1e6

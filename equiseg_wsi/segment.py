@@ -10,7 +10,7 @@ import math
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +38,7 @@ class Extractor(Protocol):
     """What segmentation needs of a feature extractor (see equiseg_wsi.features)."""
 
     stride: int
+    alignment: int
     channels: int
     batch_size: int
     recommended_halo: int
@@ -61,6 +62,7 @@ class RegionSegmentation:
     cell_um: float
     model: ClusterModel
     n_tiles: int
+    warnings: list[str] = field(default_factory=list)  # one line each: too few cells, clusters that vanished
 
 
 def cell_tissue_fraction(tissue: TissueMap, x0: float, y0: float, cell: float, shape: tuple[int, int]) -> np.ndarray:
@@ -122,7 +124,7 @@ def region_features(
     A context manager because a large region's features live in a scratch file that is removed on exit.
     """
     stride = extractor.stride
-    options.check_stride(stride)
+    options.check_stride(extractor.alignment)
     halo = extractor.recommended_halo if options.halo is None else options.halo
     s = options.target_mpp / slide.mpp  # level-0 px per target px
     cell = s * stride
@@ -133,7 +135,7 @@ def region_features(
         raise NoTissueError(f"region {area.name}: no tissue at {options.target_mpp} µm/px")
     rect = (x0, y0, gw * cell, gh * cell)
     # A region smaller than a tile is read as one tile of its own size: less padding, same features.
-    tile_size = min(options.tile_size, max(gh, gw) * stride)
+    tile_size = min(options.tile_size, math.ceil(max(gh, gw) * stride / extractor.alignment) * extractor.alignment)
     grid = TileGrid(rect, options.target_mpp, slide.mpp, tile_size, halo, align=stride)
     cells_per_tile = tile_size // stride
     rgb = np.full((gh, gw, 3), 255, dtype=np.uint8)
@@ -194,6 +196,7 @@ def segment_region(
             )
         labels = model.predict(rf.features, mask=rf.tissue)
     cell_um = options.target_mpp * extractor.stride
+    warnings = _few_cells(area.name, int(rf.tissue.sum()), cell_um)
     labels = _merge_small(labels, options.min_segment_um2, cell_um)
     seg = RegionSegmentation(area.name, labels, rf.rgb, rf.x0, rf.y0, rf.cell_level0, cell_um, model, rf.n_tiles)
     if options.refine == "colour":
@@ -201,7 +204,28 @@ def segment_region(
         fine, rgb = refine_region(slide, labels, area.tissue, rf.x0, rf.y0, rf.cell_level0, factor, model.k)
         seg = replace(seg, labels=_merge_small(fine, options.min_segment_um2, cell_um / factor), rgb=rgb,
                       cell_level0=rf.cell_level0 / factor, cell_um=cell_um / factor)
+    seg.warnings = warnings + _vanished(area.name, seg.labels, model.k)
     return seg
+
+
+MIN_CELLS = 400  # tissue cells (20 x 20) below which a region's segments say little; the user is warned
+
+
+def _few_cells(name: str, n_cells: int, cell_um: float) -> list[str]:
+    if n_cells >= MIN_CELLS:
+        return []
+    return [f"region {name}: only {n_cells} tissue cells of {cell_um:g} µm (fewer than {MIN_CELLS}); its segments "
+            "are coarse, a finer --target-mpp gives more cells"]
+
+
+def _vanished(name: str, labels: np.ndarray, k: int) -> list[str]:
+    present = set(np.unique(labels).tolist())
+    missing = [i for i in range(1, k + 1) if i not in present]
+    if not missing:
+        return []
+    names = ", ".join(f"Cluster {i}" for i in missing)
+    return [f"region {name}: {names} of {k} cover(s) no tissue here (none assigned, or merged away as smaller "
+            "than --min-area)"]
 
 
 def _merge_small(labels: np.ndarray, min_segment_um2: float, cell_um: float) -> np.ndarray:

@@ -131,3 +131,39 @@ def test_refined_run_exports_areas_equal_to_its_polygons(tmp_path: Path) -> None
             area_um2 = shape(feature["geometry"]).area * mpp * mpp
             assert area_um2 == pytest.approx(float(row[f"c{i}_area_um2"]), rel=1e-3)
             assert (labels == i).sum() * 4.0 == pytest.approx(float(row[f"c{i}_area_um2"]), rel=1e-6)
+
+
+def test_small_region_and_vanished_clusters_are_reported(tmp_path: Path) -> None:
+    """A 15 x 15-cell core warns about its cell count; clusters merged away are named on stderr and in the
+    manifest (never silent)."""
+    rng = np.random.default_rng(0)
+    rgb = np.empty((240, 240, 3), np.uint8)
+    rgb[:, :120] = (150, 60, 140)
+    rgb[:, 120:] = (225, 130, 170)
+    rgb = np.clip(rgb + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "core.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "core.png"), "-o", str(out), "--mpp", "1.0",
+                                      "--target-mpp", "2.0", "--tile-size", "128", "--device", "cpu",
+                                      "--weights", "random", "--n-clusters", "4", "--min-area", "1000000"])
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Warning: ")]
+    assert any("only 225 tissue cells" in ln for ln in lines), lines
+    assert any("cover(s) no tissue" in ln for ln in lines), lines
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["slides"][0]["warnings"] and all(w in " ".join(lines) for w in manifest["slides"][0]["warnings"])
+
+
+def test_layer3_on_a_region_of_an_odd_number_of_cells(tmp_path: Path) -> None:
+    """A region of 29 x 29 layer3 cells is read as one tile rounded up to the coarsest stride (it failed with
+    "tile sides must be multiples of 8" when the tile was sized by the finest stride)."""
+    rng = np.random.default_rng(1)
+    rgb = np.clip(np.array([170, 80, 150]) + rng.normal(0, 25, (232, 232, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "core.png")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "core.png"), "-o", str(out), "--mpp", "1.0",
+                                      "--target-mpp", "2.0", "--layer", "layer3", "--device", "cpu",
+                                      "--weights", "random", "-q"])
+    assert result.exit_code == 0, result.output
+    labels = np.asarray(Image.open(out / "core" / "core_labels.png"))
+    assert labels.shape == (29, 29)
