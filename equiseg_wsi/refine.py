@@ -4,9 +4,9 @@ Why: one feature cell is 8 network pixels (20 µm at 2.5 µm/px), so unrefined s
 cells that cut through glands. Here the cell labels are upsampled to a finer pixel grid read from the slide, and
 within about one cell of a border every pixel takes the cluster whose local mean colour is nearest to its own
 (a one-step, local KMeans in colour, seeded by the CNN's clusters); away from borders the cells' labels stand,
-and small pieces are merged afterwards like any small segment. Box and Gaussian filters and the tie rule (the
-lower cluster id) commute with 90° rotations and flips, so refined maps rotate exactly with the image; the
-tissue outline comes from the slide's tissue mask sampled at the fine grid.
+and small pieces are merged afterwards like any small segment. Window sums in exact integer arithmetic and the
+tie rule (the lower cluster id) commute with 90° rotations and flips, so refined maps rotate exactly with the
+image; the tissue outline comes from the slide's tissue mask sampled at the fine grid.
 
 The fine grid divides each feature cell into `factor` x `factor` pixels, with `factor` the smallest multiple of
 the network pixel that brings the fine pixel to at most `MAX_FINE_UM` µm; it is read straight from the slide.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
 from equiseg_wsi.context import tissue_pixels
 from equiseg_wsi.slide import Slide
@@ -30,7 +29,6 @@ MAX_FINE_PIXELS = 32_000_000  # a larger region is refined on a coarser fine gri
 BLOCK_CELLS = 64
 MARGIN_CELLS = 2
 _SUPPORT = 0.05  # share of the pixels within one cell a cluster needs before a pixel there may join it
-_SMOOTH_PX = 1.0  # Gaussian sigma, fine px, of the colour a pixel is judged by (a nucleus alone does not flip it)
 
 
 def fine_factor(stride: int, target_mpp: float, n_cells: int) -> int:
@@ -43,8 +41,22 @@ def fine_factor(stride: int, target_mpp: float, n_cells: int) -> int:
     return factor
 
 
-def _box(a: np.ndarray, radius: int) -> np.ndarray:
-    return np.asarray(ndimage.uniform_filter(a, size=2 * radius + 1, mode="reflect"))
+def _box_sum(a: np.ndarray, radius: int) -> np.ndarray:
+    """Sum over the (2r+1)² window around each pixel (edges mirrored), in exact integer arithmetic, so the result
+    does not depend on the order of the axes (a rotated input gives the rotated sums, bit for bit)."""
+    padded = np.pad(a.astype(np.int64), [(radius + 1, radius)] * 2 + [(0, 0)] * (a.ndim - 2), mode="symmetric")
+    padded[0] = 0
+    padded[:, 0] = 0
+    c = padded.cumsum(axis=0).cumsum(axis=1)
+    n = 2 * radius + 1
+    return np.asarray(c[n:, n:] - c[:-n, n:] - c[n:, :-n] + c[:-n, :-n])
+
+
+def _smoothed(rgb: np.ndarray) -> np.ndarray:
+    """16 x the colour smoothed by the 3 x 3 binomial kernel (edges mirrored), as exact integers."""
+    p = np.pad(rgb.astype(np.int64), [(1, 1), (1, 1), (0, 0)], mode="symmetric")
+    rows = p[:-2] + 2 * p[1:-1] + p[2:]
+    return np.asarray(rows[:, :-2] + 2 * rows[:, 1:-1] + rows[:, 2:])
 
 
 def colour_refine(labels: np.ndarray, rgb: np.ndarray, factor: int, tissue: np.ndarray, k: int) -> np.ndarray:
@@ -53,22 +65,23 @@ def colour_refine(labels: np.ndarray, rgb: np.ndarray, factor: int, tissue: np.n
     Near a border (where more than one cluster holds at least `_SUPPORT` of the pixels within one cell), a
     pixel takes the cluster whose local mean colour (over those pixels) is nearest to its own, slightly smoothed,
     colour; elsewhere the cell's label stands. `tissue` is the fine tissue mask: pixels outside it become 0,
-    tissue pixels of unlabelled cells next to labelled ones are labelled the same way.
+    tissue pixels of unlabelled cells next to labelled ones are labelled the same way. Sums are exact integers,
+    so the result rotates exactly with its inputs.
     """
     radius = factor
+    need = _SUPPORT * (2 * radius + 1) ** 2
     fine = np.repeat(np.repeat(labels, factor, axis=0), factor, axis=1)
-    img = np.asarray(ndimage.gaussian_filter(rgb.astype(np.float64), (_SMOOTH_PX, _SMOOTH_PX, 0), mode="reflect"))
+    img = _smoothed(rgb)
     best = np.full(fine.shape, np.inf)
     choice = np.zeros(fine.shape, dtype=np.int32)
     n_supported = np.zeros(fine.shape, dtype=np.int32)
     for cluster in range(1, k + 1):
-        p = (fine == cluster).astype(np.float64)
+        p = fine == cluster
         if not p.any():
             continue
-        share = _box(p, radius)
-        supported = share >= _SUPPORT
-        mean = np.stack([_box(img[..., c] * p, radius) for c in range(3)], axis=-1)
-        mean /= np.maximum(share, 1e-12)[..., None]
+        count = _box_sum(p, radius)
+        supported = count >= need
+        mean = _box_sum(img * p[..., None], radius) / np.maximum(count, 1)[..., None]
         d = np.where(supported, ((img - mean) ** 2).sum(axis=-1), np.inf)
         take = d < best  # strictly smaller: ties keep the lower cluster id
         choice[take] = cluster
@@ -78,6 +91,17 @@ def colour_refine(labels: np.ndarray, rgb: np.ndarray, factor: int, tissue: np.n
     out = np.where(border, choice, fine).astype(np.int32)
     out[~tissue] = 0
     return out
+
+
+def _read_fine(slide: Slide, x: float, y: float, width: int, height: int, mpp: float) -> np.ndarray:
+    """The slide at `mpp`; where that is finer than the slide by a whole factor, its pixels are repeated (exact,
+    and rotating with the slide) rather than interpolated."""
+    ratio = slide.mpp / mpp
+    up = round(ratio)
+    if up >= 2 and abs(ratio - up) < 1e-6 and width % up == 0 and height % up == 0:
+        coarse = slide.read_region(x, y, width // up, height // up, slide.mpp)
+        return np.repeat(np.repeat(coarse, up, axis=0), up, axis=1)
+    return slide.read_region(x, y, width, height, mpp)
 
 
 def refine_region(
@@ -99,14 +123,15 @@ def refine_region(
         for c0 in range(0, w, BLOCK_CELLS):
             r1, c1 = min(r0 + BLOCK_CELLS, h), min(c0 + BLOCK_CELLS, w)
             if not labels[r0:r1, c0:c1].any():
-                rgb[r0 * factor : r1 * factor, c0 * factor : c1 * factor] = slide.read_region(
+                rgb[r0 * factor : r1 * factor, c0 * factor : c1 * factor] = _read_fine(
+                    slide,
                     x0 + c0 * cell_level0, y0 + r0 * cell_level0, (c1 - c0) * factor, (r1 - r0) * factor, mpp)
                 continue
             a0, b0 = max(0, r0 - MARGIN_CELLS), max(0, c0 - MARGIN_CELLS)
             a1, b1 = min(h, r1 + MARGIN_CELLS), min(w, c1 + MARGIN_CELLS)
             bx, by = x0 + b0 * cell_level0, y0 + a0 * cell_level0
             shape = ((a1 - a0) * factor, (b1 - b0) * factor)
-            block_rgb = slide.read_region(bx, by, shape[1], shape[0], mpp)
+            block_rgb = _read_fine(slide, bx, by, shape[1], shape[0], mpp)
             tissue = tissue_pixels(tissue_map, bx, by, fine_level0, shape)
             refined = colour_refine(labels[a0:a1, b0:b1], block_rgb, factor, tissue, k)
             inner = (slice((r0 - a0) * factor, (r1 - a0) * factor), slice((c0 - b0) * factor, (c1 - b0) * factor))

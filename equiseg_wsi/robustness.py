@@ -317,7 +317,7 @@ def rotation_series(
         raise InputError(f"square side {core.side} px is not a multiple of the feature strides {sorted(stride)}")
     results: dict[str, list[AngleResult]] = {m.name: [] for m in models}
     fitted: dict[str, ClusterModel] = {}
-    cell_um = {m.name: options.target_mpp * m.extractor.stride for m in models}
+    cell_um: dict[str, float] = {}  # side of one label-map pixel (a feature cell, or a fine pixel when refined)
     total = len(angle_list) * len(models)
     for ai, angle in enumerate(angle_list):
         rotated = rotate_array(core.rgb, angle, order=1, cval=WHITE)
@@ -329,6 +329,7 @@ def rotation_series(
             seg = segment_region(slide, area, m.extractor, options, model=model)
             if m.name not in fitted:
                 fitted[m.name] = seg.model
+            cell_um.setdefault(m.name, seg.cell_um)
             back = rotate_array(seg.labels, -angle, order=0, cval=0)
             ref = results[m.name][0].labels if results[m.name] else seg.labels
             metrics = compare_labels(ref, back)

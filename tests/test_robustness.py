@@ -158,3 +158,20 @@ def test_cli_rejects_bad_angles(tmp_path: Path) -> None:
                                       "--angles", "zero"])
     assert result.exit_code != 0
     assert "angles" in result.output and "Traceback" not in result.output
+
+
+def test_glass_fill_and_colour_refinement_keep_quarter_turns_exact() -> None:
+    """The glass fill and the border refinement rotate with the image: agreement 1 at 90°, 180°, 270°."""
+    from equiseg_wsi.inputs import collect_inputs
+    from equiseg_wsi.options import RunOptions, SegmentOptions
+    from equiseg_wsi.robustness import default_models, run_experiment
+
+    sources = collect_inputs([CORE], mpp=0.499)
+    sre = default_models(target_mpp=5.0, device="cpu")[:1]
+    options = RunOptions(SegmentOptions(target_mpp=5.0, glass="fill", refine="colour"))
+    series, failures = run_experiment(sources, sre, options, [0, 90, 180, 270])
+    assert not failures
+    s = series[0]
+    assert s.cell_um == pytest.approx(5.0 * 8 / 24)  # refined: 3 fine px per network px
+    for angle in (90, 180, 270):
+        assert s.at(angle).metrics["pixel_agreement"] == 1.0, angle
