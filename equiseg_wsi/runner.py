@@ -225,6 +225,14 @@ def _region_annotations(
     return out
 
 
+def label_map_placement(seg: RegionSegmentation) -> dict[str, str]:
+    """Where a label PNG lies on the slide (its tEXt chunks): label pixel (r, c) covers level-0 px
+    [x0 + c*cell, x0 + (c+1)*cell) x [y0 + r*cell, y0 + (r+1)*cell) of the slide as read (before any OpenSlide
+    bounds offset), and one pixel is cell_um µm wide."""
+    return {"equiseg:x0_level0": repr(float(seg.x0)), "equiseg:y0_level0": repr(float(seg.y0)),
+            "equiseg:cell_level0": repr(float(seg.cell_level0)), "equiseg:cell_um": repr(float(seg.cell_um))}
+
+
 def _region_pictures(slide: Slide, folder: Path, seg: RegionSegmentation, k: int) -> list[Path]:
     """Overlay PNG (tissue + translucent segments + legend) and the label map as a palette PNG."""
     colors = [cluster_color(i) for i in range(k)]
@@ -239,7 +247,7 @@ def _region_pictures(slide: Slide, folder: Path, seg: RegionSegmentation, k: int
     overlay = folder / f"{seg.name}_overlay.png"
     save_png(overlay, render_overlay(rgb, seg.labels, colors, names, title=seg.name))
     labels = folder / f"{seg.name}_labels.png"
-    save_png(labels, label_image(seg.labels, colors))
+    save_png(labels, label_image(seg.labels, colors), text=label_map_placement(seg))
     return [overlay, labels]
 
 

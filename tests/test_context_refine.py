@@ -167,3 +167,27 @@ def test_layer3_on_a_region_of_an_odd_number_of_cells(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     labels = np.asarray(Image.open(out / "core" / "core_labels.png"))
     assert labels.shape == (29, 29)
+
+
+def test_label_png_records_where_it_lies_on_the_slide(tmp_path: Path) -> None:
+    """The label PNG's tEXt chunks place it on the slide without the GeoJSON: its pixel size agrees with the
+    CSV's cell size and its extent with the region outline in the GeoJSON."""
+    from shapely.geometry import shape
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(CORE), "-o", str(out), "--mpp", "0.499", "--device", "cpu",
+                                      "--target-mpp", "8", "--tile-size", "128", "-q"])
+    assert result.exit_code == 0, result.output
+    folder = out / "slide001_core001"
+    png = Image.open(folder / "core001_labels.png")
+    text = {k: float(v) for k, v in png.text.items()}
+    row = next(iter(__import__("csv").DictReader(open(folder / "biomarkers.csv", encoding="utf-8"))))
+    assert text["equiseg:cell_um"] == pytest.approx(float(row["cell_size_um"]))
+    labels = np.asarray(png)
+    rows, cols = np.nonzero(labels)
+    cell, x0, y0 = text["equiseg:cell_level0"], text["equiseg:x0_level0"], text["equiseg:y0_level0"]
+    outline = next(f for f in json.loads((folder / "slide001_core001.geojson").read_text())["features"]
+                   if f["properties"]["name"] == "core001")
+    minx, miny, maxx, maxy = shape(outline["geometry"]).bounds
+    assert (minx, miny) == pytest.approx((x0 + cols.min() * cell, y0 + rows.min() * cell), abs=0.01)
+    assert (maxx, maxy) == pytest.approx((x0 + (cols.max() + 1) * cell, y0 + (rows.max() + 1) * cell), abs=0.01)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from equiseg_wsi.export.atomic import atomic_path
 
@@ -64,7 +65,12 @@ def _with_legend(picture: Image.Image, colors: Sequence[RGB], names: Sequence[st
     return canvas
 
 
-def save_png(path: str | os.PathLike[str], image: Image.Image) -> None:
-    """Deterministic PNG (no timestamps), written atomically."""
+def save_png(path: str | os.PathLike[str], image: Image.Image, text: Mapping[str, str] | None = None) -> None:
+    """Deterministic PNG (no timestamps), written atomically; `text` goes into tEXt chunks (in key order)."""
+    info = None
+    if text:
+        info = PngInfo()
+        for key in sorted(text):
+            info.add_text(key, text[key])
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", optimize=False)
+        image.save(tmp, format="PNG", optimize=False, pnginfo=info)
