@@ -10,7 +10,7 @@ from pathlib import Path
 
 from equiseg_wsi.cores import find_images, parse_core_name
 from equiseg_wsi.errors import InputError
-from equiseg_wsi.slide import PLAIN_IMAGE_SUFFIXES
+from equiseg_wsi.slide import PLAIN_IMAGE_SUFFIXES, PLAUSIBLE_MPP
 
 MANIFEST_NAME = "manifest.csv"
 PATH_COLUMNS = ("processed", "path")
@@ -36,8 +36,9 @@ def _float(value: str | None, where: str) -> float | None:
         number = float(value)
     except ValueError as exc:
         raise InputError(f"{where}: mpp {value!r} is not a number") from exc
-    if not number > 0:
-        raise InputError(f"{where}: mpp {value!r} must be positive")
+    lo, hi = PLAUSIBLE_MPP
+    if not lo <= number <= hi:  # also refuses nan and inf
+        raise InputError(f"{where}: mpp {value!r} is outside {lo}..{hi} µm/px")
     return number
 
 
@@ -64,7 +65,20 @@ def read_manifest(path: Path) -> list[dict[str, str]]:
         row["path"] = str(file if file.is_absolute() else (path.parent / file))
         row["_where"] = f"{path}, line {i}"
         out.append(row)
+    _check_duplicates(path, out)
     return out
+
+
+def _check_duplicates(path: Path, rows: list[dict[str, str]]) -> None:
+    """A file listed twice must not get two resolutions (which one would win is arbitrary)."""
+    first: dict[Path, dict[str, str]] = {}
+    for row in rows:
+        key = Path(row["path"]).resolve()
+        seen = first.setdefault(key, row)
+        if seen is not row and _float(seen.get("mpp"), seen["_where"]) != _float(row.get("mpp"), row["_where"]):
+            raise InputError(f"{path}: {seen['_where'].rsplit(', ', 1)[1]} and {row['_where'].rsplit(', ', 1)[1]} "
+                             f"list {Path(row['path']).name} with different mpp ({seen.get('mpp') or 'none'} and "
+                             f"{row.get('mpp') or 'none'})")
 
 
 def _source(path: Path, row: dict[str, str] | None, default_mpp: float | None) -> SlideSource:
@@ -122,7 +136,7 @@ def _from_folder(folder: Path, mpp: float | None, skip: Path | None) -> Iterable
 
 def _unique(found: list[SlideSource]) -> list[SlideSource]:
     seen: set[Path] = set()
-    names: dict[str, int] = {}
+    used: set[str] = set()
     out = []
     for source in found:
         path = source.path
@@ -131,8 +145,11 @@ def _unique(found: list[SlideSource]) -> list[SlideSource]:
             continue
         seen.add(key)
         stem = path.name.split(".")[0] or "slide"
-        names[stem] = names.get(stem, 0) + 1
-        name = stem if names[stem] == 1 else f"{stem}-{names[stem]}"
+        name, n = stem, 1
+        while name in used:  # a counter that is itself another file's stem is skipped (a.png after a-2.jpg)
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
         out.append(replace(source, name=name))
     if not out:
         raise InputError("no slide or image files found in the inputs")
