@@ -64,7 +64,7 @@ class SegmentOptions:
     halo: int | None = None  # px at target_mpp; None: the extractor's recommended halo
     min_segment_um2: float = 2000.0  # smaller segments join their longest-border neighbour
     min_cell_tissue: float = 0.5  # share of a feature cell that must be tissue for the cell to be labelled
-    glass: str = "keep"  # what the network sees outside the tissue: "keep" (as scanned) or "fill" (tissue colour)
+    glass: str = "fill"  # what the network sees outside the tissue: "fill" (tissue colour) or "keep" (as scanned)
     refine: str = "none"  # segment borders: "none" (the feature-cell grid) or "colour" (image edges, <= 2 µm px)
 
     def __post_init__(self) -> None:
