@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from equiseg_wsi import __version__
+from equiseg_wsi import __version__, errors
 from equiseg_wsi.errors import EquisegError
 
 # name -> "module:attribute"; commands are imported only when used, so `equiseg --help` stays fast.
@@ -54,7 +54,7 @@ class EquisegGroup(click.Group):
 
 def one_line(exc: BaseException) -> str:
     """The exception as a single line; unexpected errors also name their type."""
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    text = errors.one_line(exc)
     if isinstance(exc, EquisegError):
         return text
     return f"{exc.__class__.__name__}: {text} (run with --debug for the traceback)"

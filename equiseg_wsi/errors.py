@@ -29,3 +29,8 @@ class ModelMismatchError(EquisegError):
 
 class InputError(EquisegError):
     """Bad user input that is not a slide: manifests, options, folders."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (manifests, failure tables, the CLI), or its type when it has none."""
+    return " ".join(str(exc).split()) or exc.__class__.__name__

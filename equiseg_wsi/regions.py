@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from equiseg_wsi.errors import EquisegError, InputError, NoTissueError
+from equiseg_wsi.errors import EquisegError, InputError, NoTissueError, one_line
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RegionOptions
 from equiseg_wsi.slide import Slide, open_slide
@@ -30,16 +30,10 @@ __all__ = [
     "SlideRegions",
     "core_areas",
     "each_region",
-    "one_line",
     "open_regions",
     "region_areas",
     "slide_regions",
 ]
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (what manifests, failure tables and the CLI show)."""
-    return " ".join(str(exc).split())
 
 
 @dataclass

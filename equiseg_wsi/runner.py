@@ -22,7 +22,7 @@ import numpy as np
 from equiseg_wsi import __version__
 from equiseg_wsi.biomarkers import compute_biomarkers, segment_measurements, write_csv
 from equiseg_wsi.cluster import ClusterModel
-from equiseg_wsi.errors import EquisegError, InputError, NoTissueError
+from equiseg_wsi.errors import EquisegError, InputError, NoTissueError, one_line
 from equiseg_wsi.export.atomic import atomic_write_text, remove_stale_temporaries
 from equiseg_wsi.export.geojson import cluster_class_name, cluster_color, object_id, qupath_feature, write_geojson
 from equiseg_wsi.export.overlay import label_image, render_overlay, save_png
@@ -32,7 +32,7 @@ from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob, RunOptions
 from equiseg_wsi.polygons import GridPlacement, label_map_to_polygons, tissue_outline
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.regions import Failures, SlideRegions, one_line, open_regions
+from equiseg_wsi.regions import Failures, SlideRegions, open_regions
 from equiseg_wsi.segment import Extractor, RegionSegmentation, segment_region
 from equiseg_wsi.slide import Slide
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from equiseg_wsi.errors import MppUnknownError, SlideError
+from equiseg_wsi.errors import MppUnknownError, SlideError, one_line
 from equiseg_wsi.slide_readers import READERS, WHITE, ArrayReader, Level, Reader
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _auto_order(path: Path) -> list[str]:
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    text = one_line(exc)
     return text if len(text) <= 160 else text[:157] + "..."
 
 
