@@ -15,8 +15,10 @@ Methods, all scored identically on the same tiles:
 
 * ``equiseg run`` through its CLI, as a user calls it (``python -m equiseg_cli.main run TILES -o OUT --mpp M``
   plus ``--n-clusters K --seed S``, ``--extra-args``, then the row's own options): the product defaults, the same
-  with ``--target-mpp 1.0``, with ``--weights random``, and with the standard-convolution twin when its trained
-  weights are installed (``equiseg_wsi/data/default_standard.pt``);
+  with the other ``--refine`` setting (the refined and the unrefined cell grid), with ``--target-mpp 2.5``, with
+  ``--weights random``, with the previous release's defaults when ``--previous-weights`` gives its model file
+  (``--target-mpp 2.5 --glass keep --refine none --layer layer4``), and with the standard-convolution twin when
+  its trained weights are installed (``equiseg_wsi/data/default_standard.pt``);
 * KMeans (K, seeded, n_init 10) per tile on per-cell mean RGB, on mean H&E optical density (H and E channels
   of ``skimage.color.rgb2hed``), and on mean and standard deviation of both, z-scored over the tile's cells, on
   square cells of 4, 8 and 20 µm from the tile's origin; a cell with less than half its area in the tile is left
@@ -68,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import seg_metrics as sm  # noqa: E402
 
 from equiseg_wsi.models.weights import default_weights, has_default_weights  # noqa: E402
+from equiseg_wsi.options import SegmentOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -77,6 +80,8 @@ VAL_FRACTION = 0.3
 BOUNDARY_TOL_UM = 2.0
 N_RESAMPLES = 2000
 METRICS = ("nmi", "ari", "acc", "dice", "bf")
+# The options of the release before issue 15 that differ from today's (with its weights file, --previous-weights).
+PREVIOUS_DEFAULTS = ("--target-mpp", "2.5", "--glass", "keep", "--refine", "none", "--layer", "layer4")
 METRIC_TITLES = ("NMI", "ARI", "matched acc", "gland Dice", "boundary F")
 CSV_METRICS = ("nmi", "ari", "acc", "acc_1to1", "dice", "bf", "bf_clusters", "coverage")
 
@@ -168,11 +173,18 @@ def split_summary(tiles: Sequence[Tile], split: dict[str, str]) -> str:
 
 # --- the pipeline ---------------------------------------------------------------------------------------------
 
-def pipeline_variants() -> list[Variant]:
-    """The pipeline rows: defaults, --target-mpp 1.0, random weights, and the twin when installed."""
+def pipeline_variants(previous_weights: Path | None = None) -> list[Variant]:
+    """The pipeline rows: defaults, the other refinement, the coarser 2.5 µm/px, random weights, the previous
+    release's defaults when its weights file is given, and the twin when installed."""
+    seg = SegmentOptions()
+    other_refine = "none" if seg.refine != "none" else "colour"
     variants = [Variant("equiseg run (defaults)", "defaults", ()),
-                Variant("equiseg run --target-mpp 1.0", "target-mpp-1.0", ("--target-mpp", "1.0")),
+                Variant(f"equiseg run --refine {other_refine}", f"refine-{other_refine}", ("--refine", other_refine)),
+                Variant("equiseg run --target-mpp 2.5", "target-mpp-2.5", ("--target-mpp", "2.5")),
                 Variant("equiseg run --weights random", "weights-random", ("--weights", "random"))]
+    if previous_weights is not None:
+        variants.append(Variant("previous defaults (skin SSL model, 2.5 µm/px, glass kept)", "previous",
+                                ("--weights", str(previous_weights), *PREVIOUS_DEFAULTS)))
     if has_default_weights("standard"):
         twin = default_weights("standard")
         variants.append(Variant("equiseg run, standard twin", "twin", ("--weights", str(twin))))
@@ -345,7 +357,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="12 validation tiles; rim sets at the defaults only")
     p.add_argument("--split", choices=("dev", "val"), default="val", help="cases to report on (default val)")
     p.add_argument("--n-images", type=int, default=None, help="tiles to use (default: all of the split; quick 12)")
-    p.add_argument("--k", type=int, default=3, help="clusters, for the pipeline and every baseline (default 3)")
+    p.add_argument("--k", type=int, default=SegmentOptions().n_clusters,
+                   help="clusters, for the pipeline and every baseline (default: the product's, %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="pipeline, KMeans and bootstrap seed (default 42)")
     p.add_argument("--mpp", type=float, default=1.0, help="EBHI-Seg µm/px (an estimate; default 1.0)")
     p.add_argument("--cell-sizes", default="4,8,20", help="baseline cell sides in µm (default 4,8,20)")
@@ -354,11 +367,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="folder for the CSVs (default: a new temporary one)")
     p.add_argument("--keep-runs", action="store_true", help="keep inputs and pipeline outputs under OUT/runs")
     p.add_argument("--no-rim", action="store_true", help="skip the rim-share image sets")
+    p.add_argument("--rim-rows", default=None,
+                   help="rows (slugs: defaults, previous, refine-none, ...) run on the rim sets; default all, "
+                   "with --quick defaults,previous")
+    p.add_argument("--previous-weights", type=Path, default=None,
+                   help="weights file of the previous default model: adds a row with the previous defaults")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.quick and args.rim_rows is None:
+        args.rim_rows = "defaults,previous"
     ebhi = args.data / "ebhi_seg"
     if not (ebhi / "manifest.csv").exists():
         print(f"bench_segmentation: no EBHI-Seg data at {ebhi} (the shared data folder is absent); nothing to do.")
@@ -394,7 +414,7 @@ def report(args: argparse.Namespace, tiles: list[Tile], split: dict[str, str], o
     rows: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
     rims: list[dict[str, Any]] = []
-    variants = pipeline_variants()
+    variants = pipeline_variants(args.previous_weights)
     for v in variants:
         run_out = work / "ebhi" / v.slug
         run = run_pipeline([inputs], run_out, args.mpp, [*common, *v.args])
@@ -409,7 +429,7 @@ def report(args: argparse.Namespace, tiles: list[Tile], split: dict[str, str], o
     rows += baseline_rows
     if not args.no_rim:
         for name, paths, mpp in rim_sets(args.data, args.quick):
-            for v in variants[:1] if args.quick else variants:
+            for v in [u for u in variants if args.rim_rows is None or u.slug in args.rim_rows.split(",")]:
                 run_out = work / "rim" / name.replace(" ", "_") / v.slug
                 run = run_pipeline(paths, run_out, mpp, [*common, *v.args])
                 timings.append(_timing(name, v.label, len(paths), run))

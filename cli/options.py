@@ -71,14 +71,14 @@ _FEATURE_OPTIONS = [
     click.option(
         "--weights", type=WeightsParam(), default=None,
         help="Model weights: an equiseg weights file, a reference SRE-Conv checkpoint (.pth), or 'random' "
-        "for the seeded random initialisation (seed 0). Default: the packaged SRE-ResNet-18, self-supervised "
-        "on CC0 H&E (docs/model_card.md).",
+        "for the seeded random initialisation (seed 0). Default: the packaged compact SRE-ResNet (128 "
+        "channels per cell), trained on colon gland masks (EBHI-Seg development cases; docs/model_card.md).",
     ),
     click.option(
         "--target-mpp", type=click.FloatRange(min=0, min_open=True), default=_SEG.target_mpp, show_default=True,
-        help="Resolution the model sees, in µm/px (2.5 ≈ the paper's 5,000 px cores at 0.25 µm/px resized "
-        "to 512 px). One feature cell is 8 px with layer4 (20 µm at 2.5 µm/px), 4 px with layer3, 2 px with "
-        "layer2.",
+        help="Resolution the model sees, in µm/px (the packaged model was trained at about 1; 2.5 is the paper's "
+        "setting, 5,000 px cores at 0.25 µm/px resized to 512 px, about 6x faster and coarser). One feature cell "
+        "is 8 px with layer4 (8 µm at 1 µm/px), 4 px with layer3, 2 px with layer2.",
     ),
     click.option(
         "--layer", default=DEFAULT_LAYER, show_default=True,
@@ -97,8 +97,9 @@ _FEATURE_OPTIONS = [
     click.option(
         "--halo", type=click.IntRange(min=0), default=None,
         help="Context margin read around each tile, in px at --target-mpp (a multiple of the feature cell). "
-        "Default: 96, with which tile-by-tile features equal whole-image features within 1e-5 (measured); 64 "
-        "is ~30% faster with 1e-3 differences.",
+        "Default: the model's receptive field rounded up to the cell, at most 96 (56 px for the packaged "
+        "model, 96 for the published SRE-ResNet-18 widths), with which tile-by-tile features equal whole-image "
+        "features within 1e-5 (measured).",
     ),
 ]
 

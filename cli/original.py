@@ -41,7 +41,7 @@ def original_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Seed of the tissue-position sampling and of KMeans."),
         click.option("--weight_path", "--weight-path", "weight_path", type=_FILE, default=None,
                      help="Model weights (equiseg or reference SRE-Conv .pth), same as --weights. Default: the "
-                     "packaged default SRE-ResNet-18 (docs/model_card.md)."),
+                     "packaged default model (docs/model_card.md)."),
         click.option("--angles", default=DEFAULT_ANGLES, show_default=True,
                      help="Angles of the rotation series in degrees: start:stop:step (stop excluded) or a list "
                      "such as 0,90,180. 0 is always included."),

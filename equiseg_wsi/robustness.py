@@ -167,7 +167,7 @@ def default_models(
     *, layer: str = DEFAULT_LAYER, device: str = "auto", batch_size: int | None = None,
     target_mpp: float = DEFAULT_TARGET_MPP,
 ) -> list[ModelUnderTest]:
-    """The packaged SRE-ResNet-18 and its standard-convolution twin, trained the same way.
+    """The packaged SRE model and its standard-convolution twin, trained the same way.
 
     When packaged trained weights are installed for BOTH kinds they are used; otherwise both models are the
     seeded random initialisation (same seed, same topology, same scaling rule), so the comparison is never
@@ -175,7 +175,7 @@ def default_models(
     """
     trained = all(has_default_weights(kind) for kind in ("sre", "standard"))
     out = []
-    for kind, title in (("sre", "SRE-ResNet-18"), ("standard", "standard-conv ResNet-18 twin")):
+    for kind, title in (("sre", "SRE-ResNet"), ("standard", "standard-conv ResNet twin")):
         spec = ExtractorSpec(None if trained else RANDOM_INIT, layer, device, batch_size, target_mpp, kind)
         source = build_extractor(spec).feature_identity.source
         how = (f"random init seed={DEFAULT_MODEL_SEED} (untrained)" if source.startswith("random-init")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from equiseg_cli.main import cli
 from equiseg_wsi.cluster import ClusterModel
+from equiseg_wsi.models.arch import DEFAULT_ARCH
 
 REPO = Path(__file__).resolve().parents[1]
 CORES = REPO / "sample_data" / "cores"
@@ -80,7 +81,7 @@ def test_model_file_round_trips_and_reads_without_the_package(cohort_model: Path
     with np.load(cohort_model, allow_pickle=False) as z:  # the few lines docs/cohort.md shows
         centroids = z["centroids"]
         meta = json.loads(str(z["metadata"]))
-    assert centroids.shape == (meta["k"], 512) and meta["normalisation"] == "l2"
+    assert centroids.shape == (meta["k"], DEFAULT_ARCH.widths[-1]) and meta["normalisation"] == "l2"
     assert np.array_equal(centroids, model.centroids)
 
 

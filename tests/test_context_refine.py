@@ -163,7 +163,7 @@ def test_layer3_on_a_region_of_an_odd_number_of_cells(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "core.png"), "-o", str(out), "--mpp", "1.0",
                                       "--target-mpp", "2.0", "--layer", "layer3", "--device", "cpu",
-                                      "--weights", "random", "-q"])
+                                      "--weights", "random", "--refine", "none", "-q"])
     assert result.exit_code == 0, result.output
     labels = np.asarray(Image.open(out / "core" / "core_labels.png"))
     assert labels.shape == (29, 29)

@@ -71,20 +71,26 @@ def test_defaults_and_identity() -> None:
     assert len(ex.identity_hash()) == 16
 
 
-def test_tiled_with_halo_matches_whole_image() -> None:
-    """Full SRE-ResNet-18: 32 px interiors with the default halo (96) vs one pass over the whole crop.
+@pytest.mark.parametrize("published", [True, False])
+def test_tiled_with_halo_matches_whole_image(published: bool) -> None:
+    """32 px interiors with the recommended halo vs one pass over the whole crop: the published SRE-ResNet-18
+    (random init, halo 96) and the packaged compact model (halo 56, its receptive radius 53 rounded up to 8).
 
-    Measured (DESIGN 3.2 receptive field, real H&E): max |diff| / max |whole| ~1e-6 at halo 96 (float
-    rounding), ~1e-3 at 64, ~0.07 at 32; tolerance here 1e-4.
+    Measured (DESIGN 3.2 receptive field, real H&E): for the published widths max |diff| / max |whole| ~1e-6 at
+    halo 96 (float rounding), ~1e-3 at 64, ~0.07 at 32; tolerance here 1e-4.
     """
     img = cmu_crop()
-    ex = FeatureExtractor.from_weights(None, seed=0, device="cpu", batch_size=4)
+    if published:
+        ex = FeatureExtractor.from_weights("random", seed=0, device="cpu", batch_size=4, arch=ArchSpec())
+    else:
+        ex = FeatureExtractor.from_weights(None, device="cpu", batch_size=4)
+    assert ex.recommended_halo == (96 if published else 56)
     halo, t = ex.recommended_halo, 32
     whole = ex.extract(img)[0]
     pos = [(96, 96), (96, 128), (128, 96), (128, 128)]
     tiles = np.stack([img[y - halo : y + t + halo, x - halo : x + t + halo] for y, x in pos])
     feats = ex.extract(tiles, halo=halo)
-    assert feats.shape == (4, 4, 4, 512)
+    assert feats.shape == (4, 4, 4, ex.channels)
     scale = np.abs(whole).max()
     for (y, x), f in zip(pos, feats, strict=True):
         ref = whole[y // 8 : (y + t) // 8, x // 8 : (x + t) // 8]

@@ -114,7 +114,7 @@ def test_sre_extractor_exactly_equivariant(stem: int) -> None:
 
 
 def test_full_sre_resnet18_exactly_equivariant() -> None:
-    ex = FeatureExtractor.from_weights(None, seed=0, device="cpu")
+    ex = FeatureExtractor.from_weights("random", seed=0, device="cpu", arch=ArchSpec())  # the published widths
     img = crc_tile()[:64, :64]
     base = ex.extract(img)
     assert base.shape == (1, 8, 8, 512)

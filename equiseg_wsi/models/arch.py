@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["DEFAULT_LAYER", "LAYER_NAMES", "ArchSpec"]
+__all__ = ["DEFAULT_ARCH", "DEFAULT_LAYER", "LAYER_NAMES", "ArchSpec", "default_arch"]
 
 DEFAULT_LAYER = "layer4"  # the segmentation paper's per-pixel features: 512 channels at 1/8 of the input
 LAYER_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -73,8 +73,35 @@ class ArchSpec:
             out[f"layer{i + 1}"] = s
         return out
 
+    def receptive_radius(self, layer: str = "layer4") -> int:
+        """Input pixels beyond a feature cell's own pixels that can reach it: each K x K conv at cumulative
+        stride S adds (K - 1) / 2 * S, each 2 x 2 pooling adds the stride before it (an upper bound)."""
+        radius, stride = (self.stem_kernel - 1) // 2, 1
+        for i, (k, n, s) in enumerate(zip(self.kernel_sizes, self.blocks, self.strides, strict=True)):
+            if f"layer{i}" == layer or (i == 0 and layer == "stem"):
+                return radius
+            if s == 2:
+                radius += stride
+                stride *= 2
+            radius += 2 * n * (k - 1) // 2 * stride
+        return radius
+
     def layer_channels(self) -> dict[str, int]:
         out = {"stem": self.widths[0]}
         for i, w in enumerate(self.widths):
             out[f"layer{i + 1}"] = w
         return out
+
+
+# The packaged model's architecture: SRE-ResNet-18's layout (stride-1 stem, four stages at strides 1, 2, 4, 8)
+# with a quarter of its widths, one block per stage and 5/3-px rings. Chosen because it trains on 2 CPU cores in
+# minutes and runs about 8x faster than the published widths (see docs/model_card.md); `ArchSpec()` stays the
+# published SRE-ResNet-18 (reference checkpoints, the self-supervised recipe).
+DEFAULT_ARCH = ArchSpec(kind="sre", stem_kernel=5, kernel_sizes=(5, 5, 5, 3), widths=(16, 32, 64, 128),
+                        blocks=(1, 1, 1, 1))
+
+
+def default_arch(kind: str = "sre") -> ArchSpec:
+    """The packaged architecture for `kind` ("standard" is its twin with ordinary K x K kernels)."""
+    return ArchSpec(kind=kind, stem_kernel=DEFAULT_ARCH.stem_kernel, kernel_sizes=DEFAULT_ARCH.kernel_sizes,
+                    widths=DEFAULT_ARCH.widths, blocks=DEFAULT_ARCH.blocks, strides=DEFAULT_ARCH.strides)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..errors import WeightsError
 from ..export.atomic import atomic_path
-from .arch import DEFAULT_LAYER, ArchSpec
+from .arch import DEFAULT_LAYER, ArchSpec, default_arch
 from .resnet import ResNetFeatures, build_model
 
 __all__ = [
@@ -53,12 +53,12 @@ _IGNORED_SUFFIXES = ("weight_index_mat",)
 RANDOM_INIT = "random"
 """Pass as ``weights`` to get the seeded random initialisation instead of the packaged trained model."""
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-# The packaged models (docs/model_card.md): SimCLR-trained on the top 60 % of the CC0 region (float32).
+# The packaged models (docs/model_card.md): trained with dense gland-mask supervision on the EBHI-Seg
+# development cases (float32); the standard-convolution twin the same way.
 DEFAULT_WEIGHT_FILES = {"sre": "default_sre.pt", "standard": "default_standard.pt"}
 RETRAIN_COMMAND = (
-    "equiseg pretrain --mode ssl sample_data/CMU-1-Small-Region.svs --region 0,0,2220,1780 --arch {kind} "
-    "--tile 48 --batch-size 16 --epochs 10 --steps-per-epoch 20 --border-prob 0.5 --device cpu -o OUT "
-    "(then copy OUT/model.pt to {path})"
+    "python scripts/train_default_model.py --kind {kind} --out OUT (in a clone of the repository, with "
+    "../shared/data/ebhi_seg; then copy OUT/weights.pt to {path})"
 )
 _MAX_LISTED = 5
 
@@ -242,9 +242,8 @@ def load_weights(path: str | os.PathLike[str], arch: ArchSpec | None = None) -> 
 def default_weights(kind: str = "sre") -> Path:
     """Path of the packaged trained model of ``kind`` ("sre", or "standard" for the twin).
 
-    The SRE model ships with the package. The standard twin (34.8 M parameters, 70 MB even in float16) is too
-    large for the package; it is used when someone has placed it in the package's data folder, and otherwise
-    this raises WeightsError with the exact (deterministic) command that trains it.
+    Both ship with the package; when a file is missing (a trimmed install) this raises WeightsError with the
+    exact (deterministic) command that trains it.
     """
     if kind not in DEFAULT_WEIGHT_FILES:
         raise WeightsError(f"no default model for kind {kind!r}; choose from {sorted(DEFAULT_WEIGHT_FILES)}")
@@ -262,7 +261,7 @@ def has_default_weights(kind: str = "sre") -> bool:
 
 def random_model(arch: ArchSpec | None = None, seed: int = 0) -> LoadedModel:
     """A seeded random initialisation (activations of order one), labelled as such in its identity."""
-    arch = arch or ArchSpec()
+    arch = arch or default_arch()
     model = build_model(arch, seed=seed).eval()
     return LoadedModel(model=model, arch=arch, source=f"random-init seed={int(seed)}",
                        provenance={"random_init_seed": int(seed)})
