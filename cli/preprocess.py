@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def preprocess(
     images = find_images(input_folder)
     if not images:
         raise EquisegError(f"{input_folder}: no slide or image files found")
-    if manifest is None and (input_folder / "manifest.csv").is_file():
+    if manifest is None and os.path.lexists(input_folder / "manifest.csv"):  # a device or FIFO is refused, not skipped
         manifest = input_folder / "manifest.csv"
     mpp_by_name = mpp_by_file(manifest) if manifest is not None else {}
     rows = []

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from equiseg_wsi.cores import find_images, parse_core_name
 from equiseg_wsi.errors import InputError
+from equiseg_wsi.files import file_kind
 from equiseg_wsi.slide import PLAIN_IMAGE_SUFFIXES, PLAUSIBLE_MPP
 
 MANIFEST_NAME = "manifest.csv"
 PATH_COLUMNS = ("processed", "path")
+# CSV inputs are small text files; the caps keep a wrong file (a slide or a log named .csv) from filling memory.
+MAX_CSV_BYTES = 64 << 20
+MAX_CSV_FIELD = 64 << 10  # per cell (a path or an id); checked before the csv module's cryptic 128 KiB limit
 
 
 @dataclass(frozen=True)
@@ -42,20 +48,69 @@ def _float(value: str | None, where: str) -> float | None:
     return number
 
 
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A small regular UTF-8 file's text; devices, FIFOs and folders are refused before being opened.
+
+    `what` names the file in messages ("manifest"). Files over MAX_CSV_BYTES are refused, not read.
+    """
+    try:
+        info = path.stat()  # follows symlinks: a link to /dev/zero is a character device
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{path}: {what} is not a regular file ({file_kind(info.st_mode)})")
+        if info.st_size > MAX_CSV_BYTES:
+            raise InputError(f"{path}: {what} is larger than {_size(MAX_CSV_BYTES)} ({_size(info.st_size)})")
+        # O_NONBLOCK: even a file swapped for a FIFO since the check cannot block the open
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise InputError(f"{path}: {what} is not a regular file ({file_kind(mode)})")
+            data = fh.read(MAX_CSV_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
+    if len(data) > MAX_CSV_BYTES:  # it grew after the check
+        raise InputError(f"{path}: {what} is larger than {_size(MAX_CSV_BYTES)}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: cannot read {what} (not UTF-8 text: byte {exc.start} is invalid)") from exc
+
+
+def _csv_rows(path: Path, what: str) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of each non-empty CSV record, every cell at most MAX_CSV_FIELD characters."""
+    reader = csv.reader(io.StringIO(_read_text(path, what), newline=""))
+    too_long = f"a field is longer than {MAX_CSV_FIELD // 1024} KiB (is this really a {what}?)"
+    rows = []
+    try:
+        for row in reader:
+            if any(len(cell) > MAX_CSV_FIELD for cell in row):
+                raise InputError(f"{path}, line {reader.line_num}: {too_long}")
+            if row:
+                rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        if "field limit" in str(exc):
+            raise InputError(f"{path}, line {reader.line_num}: {too_long}") from None
+        raise InputError(f"{path}, line {reader.line_num}: cannot read {what} ({exc})") from None
+    return rows
+
+
 def read_manifest(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV manifest with a `processed` or `path` column; relative paths are taken from its folder."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path}: cannot read manifest ({exc})") from exc
+    records = _csv_rows(path, "manifest")
+    columns = [c.strip() for c in records[0][1]] if records else []
+    rows = []
+    for line, cells in records[1:]:
+        if any(cell.strip() for cell in cells[len(columns):]):
+            raise InputError(f"{path}, line {line}: {len(cells)} fields, but the header names {len(columns)}")
+        rows.append((line, {c: (cells[i].strip() if i < len(cells) else "") for i, c in enumerate(columns)}))
     column = next((c for c in PATH_COLUMNS if c in columns), None)
     if column is None:
         raise InputError(f"{path}: manifest needs a 'processed' or 'path' column (has: {', '.join(columns) or 'none'})")
     out = []
-    for i, row in enumerate(rows, start=2):
+    for i, row in rows:
         if not row.get(column):
             raise InputError(f"{path}, line {i}: empty {column!r}")
         file = Path(row[column])
@@ -126,7 +181,7 @@ def _from_folder(folder: Path, mpp: float | None, skip: Path | None) -> Iterable
         folders = [d for d in folders if not d.resolve().is_relative_to(skip)]
     rows: dict[Path, dict[str, str]] = {}
     for d in folders:
-        if (d / MANIFEST_NAME).is_file():
+        if os.path.lexists(d / MANIFEST_NAME):  # anything there is read or refused, never skipped
             for row in read_manifest(d / MANIFEST_NAME):
                 rows[Path(row["path"]).resolve()] = row
     for d in folders:
@@ -175,14 +230,10 @@ _CASE_KEYS = ("case id", "case_id", "case", "unique id", "unique_id", "patient",
 def read_case_ids(path: str | os.PathLike[str]) -> dict[str, str]:
     """Core name -> case id from a CSV (header with a core-name and a case-id column, or two plain columns)."""
     target = Path(path)
-    try:
-        text = target.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{target}: cannot read case ids ({exc.__class__.__name__}: {exc})") from exc
-    rows = [r for r in csv.reader(text.splitlines()) if any(cell.strip() for cell in r)]
+    rows = [(n, r) for n, r in _csv_rows(target, "case ids file") if any(cell.strip() for cell in r)]
     if not rows:
         raise InputError(f"{target}: no rows (expected columns: core name, case id)")
-    header = [h.strip().lower() for h in rows[0]]
+    header = [h.strip().lower() for h in rows[0][1]]
     ni = next((header.index(k) for k in _NAME_KEYS if k in header), None)
     ci = next((header.index(k) for k in _CASE_KEYS if k in header), None)
     has_header = ni is not None or ci is not None
@@ -195,7 +246,7 @@ def read_case_ids(path: str | os.PathLike[str]) -> dict[str, str]:
     if has_header:
         rows = rows[1:]
     out: dict[str, str] = {}
-    for n, r in enumerate(rows, start=2):
+    for n, r in rows:
         if max(ni, ci) >= len(r):
             raise InputError(f"{target}:{n}: expected at least {max(ni, ci) + 1} columns")
         name, case = r[ni].strip(), r[ci].strip()

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import stat
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from ..errors import WeightsError
 from ..export.atomic import atomic_path
+from ..files import file_kind
 from .arch import DEFAULT_LAYER, ArchSpec, default_arch
 from .resnet import ResNetFeatures, build_model
 
@@ -61,6 +65,12 @@ RETRAIN_COMMAND = (
     "../shared/data/ebhi_seg; then copy OUT/weights.pt to {path})"
 )
 _MAX_LISTED = 5
+# Zip bombs: torch.save stores entries uncompressed, so a real checkpoint unpacks to about its own size, while
+# a deflated one can claim 1000x that (torch allocates what the archive declares and inflates into it).  Refuse
+# archives that would unpack to more than _UNPACKED_RATIO x the file AND more than _UNPACKED_FLOOR: large
+# honest checkpoints pass whatever their size (memory is then the user's choice), small recompressed ones too.
+_UNPACKED_RATIO = 64
+_UNPACKED_FLOOR = 256 << 20
 
 
 @dataclass
@@ -111,11 +121,50 @@ def _list_keys(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
-def _read_checkpoint(path: Path) -> Any:
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    if path.stat().st_size == 0:
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _check_file(path: Path) -> None:
+    """A regular, non-empty file whose zip entries (torch's format) do not unpack to far more than its size."""
+    try:
+        info = path.stat()  # follows symlinks: a link to /dev/zero is a character device, not "not found"
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: weights file not found") from None
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read weights file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise WeightsError(f"{path}: weights file is not a regular file ({file_kind(info.st_mode)})")
+    if info.st_size == 0:
         raise WeightsError(f"{path}: weights file is empty")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip (legacy torch format, or garbage that torch.load will name)
+    if unpacked > _UNPACKED_RATIO * info.st_size and unpacked > _UNPACKED_FLOOR:
+        raise WeightsError(f"{path}: a {_mib(info.st_size)} weights file that would unpack to {_mib(unpacked)} "
+                           f"(over {_UNPACKED_RATIO}x its size): refused as a zip bomb, nothing loaded")
+
+
+def _check_finite(sd: Mapping[str, Tensor], meta: Mapping[str, Any] | None, path: Path) -> None:
+    """NaN or infinite weights (or normalisation) would make every slide fail: refuse them at load."""
+    for key, value in sd.items():
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            raise WeightsError(f"{path}: tensor {key} holds NaN or infinite values (a diverged or damaged model)")
+    norm = (meta or {}).get("normalization", DEFAULT_NORMALIZATION)
+    try:
+        values = [float(v) for v in norm["mean"]] + [float(v) for v in norm["std"]]
+        usable = all(math.isfinite(v) for v in values) and all(float(v) != 0 for v in norm["std"])
+    except (KeyError, TypeError, ValueError):
+        usable = False
+    if not usable:
+        raise WeightsError(f"{path}: invalid input normalization {repr(norm)[:200]} (needs finite mean and "
+                           "non-zero std)")
+
+
+def _read_checkpoint(path: Path) -> Any:
+    _check_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to parse means "not safe weights"
@@ -214,6 +263,7 @@ def load_weights(path: str | os.PathLike[str], arch: ArchSpec | None = None) -> 
     p = Path(path)
     obj = _read_checkpoint(p)
     sd, meta = _split_checkpoint(obj, p)
+    _check_finite(sd, meta, p)
     normalization = dict(DEFAULT_NORMALIZATION)
     layer = DEFAULT_LAYER
     provenance: dict[str, Any] = {}
