@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 @click.option("--case-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV mapping TMA core names (A-1, ...) to case ids; they land in biomarkers.csv and the .qptma.")
 @click.option("--overwrite/--resume", default=False, show_default=True,
-              help="--resume skips slides whose outputs are complete from an earlier run; --overwrite redoes them.")
+              help="--resume skips slides whose outputs are complete from an earlier run with the same options, model "
+              "and input (others are redone); --overwrite redoes them all.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Send one task per slide to this Dask scheduler (tcp://host:port); workers must see INPUTS and "
               "the output folder at the same paths. Default: run in this process.")
@@ -127,11 +128,15 @@ def _report(results: list[Any], quiet: bool, started: float, out_dir: Path, mani
     for r in failed:
         click.echo(f"Error: {r.error}", err=True)
     if not quiet:
+        from equiseg_wsi.run_key import redo_summary
+
         done = sum(r.status == "done" for r in results)
         skipped = sum(r.status == "skipped" for r in results)
         regions = sum(len(r.regions) for r in results)
+        redone = redo_summary(r.redone for r in results if r.status == "done")
         click.echo(
-            f"{done} slide(s) done, {skipped} skipped (already complete), {len(failed)} failed; {regions} region(s); "
+            f"{done} slide(s) done, {skipped} skipped (already complete), {len(failed)} failed; "
+            f"{redone + '; ' if redone else ''}{regions} region(s); "
             f"{time.perf_counter() - started:.1f} s; outputs in {out_dir} (manifest: {manifest.name})",
             err=True,
         )

@@ -1,8 +1,9 @@
 """One slide end to end, and many slides one after another, with a manifest that makes runs resumable.
 
 A slide's outputs live in `OUT/<slide>/`; `OUT/<slide>/slide.json` is written last, so its presence means the
-slide is complete (every other file is written atomically before it). The run-level `manifest.json` and
-`biomarkers.csv` are rebuilt from those records at the end of every run.
+slide is complete (every other file is written atomically before it) for the options, model and input in its
+run key (`equiseg_wsi.run_key`): a resumed run skips it only when they are unchanged, and redoes it otherwise.
+The run-level `manifest.json` and `biomarkers.csv` are rebuilt from those records at the end of every run.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from equiseg_wsi.options import RunJob, RunOptions
 from equiseg_wsi.polygons import GridPlacement, label_map_to_polygons, tissue_outline
 from equiseg_wsi.progress import ProgressCallback, no_progress
 from equiseg_wsi.regions import Failures, SlideRegions, open_regions
+from equiseg_wsi.run_key import REDO_REASONS, changed_parts, run_key
 from equiseg_wsi.segment import Extractor, RegionSegmentation, segment_region
 from equiseg_wsi.slide import Slide
 
@@ -56,6 +58,8 @@ class SlideResult:
     warnings: list[str] = field(default_factory=list)  # one line each (too few cells, clusters that vanished)
     seconds: dict[str, float] = field(default_factory=dict)
     tissue_area_mm2: float = 0.0
+    run_key: dict[str, str] = field(default_factory=dict)  # digests of the options, model and input that made it
+    redone: list[str] = field(default_factory=list)  # parts of the run key that changed since the last complete run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,19 +102,25 @@ def load_cluster_model(path: str | None) -> ClusterModel | None:
 
 def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: ProgressCallback = no_progress
                   ) -> SlideResult:
-    """Segment every region of one slide and write its outputs; errors become a failed result, not a raise."""
+    """Segment every region of one slide and write its outputs; errors become a failed result, not a raise.
+
+    A slide complete from an earlier run with the same run key is skipped (unless `overwrite`); one made with
+    other options, model or input is redone, its changed parts in `redone`."""
     options = job.options
-    if not options.overwrite:
-        done = load_record(out_dir, source)
-        if done is not None:
-            done.status = "skipped"
-            return done
     start = time.perf_counter()
     result = SlideResult(name=source.name, path=str(source.path), status="failed")
-    remove_stale_temporaries(_slide_dir(out_dir, source))  # what a killed run of this slide left behind
+    previous = load_record(out_dir, source)
     try:
         extractor = build_extractor(job.spec)
+        result.run_key = run_key(options, extractor.feature_identity.as_dict(), job.kmeans_model, source)
+        if previous is not None and not options.overwrite:
+            result.redone = changed_parts(previous.run_key, result.run_key)
+            if not result.redone:
+                previous.status, previous.redone = "skipped", []
+                return previous
+        _forget_slide(out_dir, source)
         _segment_slide(source, out_dir, extractor, options, load_cluster_model(job.kmeans_model), progress, result)
+        _remove_old_outputs(out_dir, previous, result)
         result.status = "done"
     except EquisegError as exc:
         result.error = one_line(exc)
@@ -124,6 +134,24 @@ def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: 
         record = _slide_dir(out_dir, source) / SLIDE_RECORD
         atomic_write_text(record, json.dumps(result.as_dict(), indent=1) + "\n")  # keeps column order
     return result
+
+
+def _forget_slide(out_dir: Path, source: SlideSource) -> None:
+    """Before (re)doing a slide: its old record no longer vouches for its files, and a killed run's temporaries go."""
+    folder = _slide_dir(out_dir, source)
+    (folder / SLIDE_RECORD).unlink(missing_ok=True)
+    remove_stale_temporaries(folder)
+
+
+def _remove_old_outputs(out_dir: Path, previous: SlideResult | None, result: SlideResult) -> None:
+    """Files the earlier run of this slide wrote that the new one did not (regions that are gone)."""
+    if previous is None:
+        return
+    folder = (out_dir / result.name).resolve()
+    for name in set(previous.outputs) - set(result.outputs):
+        path = (out_dir / name).resolve()
+        if path.parent == folder:
+            path.unlink(missing_ok=True)
 
 
 def _segment_slide(
@@ -271,7 +299,11 @@ def write_run_outputs(
     model_info = {"extractor": build_extractor(job.spec).feature_identity.as_dict(), "kmeans_model": job.kmeans_model,
                   **model_extra}
     rows = [row for r in results for row in r.regions]
-    table = write_csv(out_dir / "biomarkers.csv", rows) if rows else None
+    redone = [r for r in results if r.status == "done"]  # a failed retry is counted as failed
+    mismatch = _column_mismatch(out_dir, results)
+    table = write_csv(out_dir / "biomarkers.csv", rows) if rows and mismatch is None else None
+    if table is None:  # an earlier run's table would pass for this run's
+        (out_dir / "biomarkers.csv").unlink(missing_ok=True)
     manifest = {
         "tool": "equiseg",
         "version": __version__,
@@ -284,10 +316,34 @@ def write_run_outputs(
             "failed": sum(r.status == "failed" for r in results),
             "regions": len(rows),
         },
+        "resume": {  # slides complete from an earlier run, and those redone because what made them changed
+            "skipped": sum(r.status == "skipped" for r in results),
+            "redone": sum(bool(r.redone) for r in redone),
+            "redone_because": {REDO_REASONS[part]: sum(part in r.redone for r in redone) for part in REDO_REASONS},
+        },
     }
     path = out_dir / "manifest.json"
     atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True, default=_json_default) + "\n")
+    if mismatch is not None:
+        raise InputError(mismatch)
     return path, table
+
+
+def _column_mismatch(out_dir: Path, results: Sequence[SlideResult]) -> str | None:
+    """Why the slides' tables cannot be merged into one (rows with other columns), naming the two files."""
+    first: tuple[str, list[str]] | None = None
+    for r in results:
+        for row in r.regions:
+            if first is None:
+                first = (r.name, list(row))
+            elif set(row) != set(first[1]):
+                extra = [c for c in row if c not in first[1]]
+                lacking = [c for c in first[1] if c not in row]
+                return (f"{out_dir / 'biomarkers.csv'}: not written: {out_dir / first[0] / 'biomarkers.csv'} and "
+                        f"{out_dir / r.name / 'biomarkers.csv'} have different columns (only in the second: "
+                        f"{', '.join(extra) or 'none'}; only in the first: {', '.join(lacking) or 'none'}); "
+                        "rerun these slides with the same options (--overwrite redoes them all)")
+    return None
 
 
 def _json_default(obj: Any) -> Any:
