@@ -38,10 +38,15 @@ background or the map border, read from each ``<region>_labels.png``; next to it
 there (what a cluster spread at random would score). Sets: the CC0 skin region, osteosarcoma tiles
 (``../shared/data/osteosarcoma``, about 1 µm/px) and the EBHI tiles just segmented.
 
-Run: ``python benchmarks/bench_segmentation.py [--quick] [--split dev|val] [--n-images N] [--k 3] [--seed 42]
-[--mpp 1.0] [--extra-args "--halo 64"] [--out DIR] [--keep-runs]``. ``--quick`` (12 validation tiles, the rim
-sets at the defaults only, 3 osteosarcoma tiles) took 202 s on 2 shared CPU cores; the full validation split
-(470 tiles, every row on every rim set) takes about two hours there, most of it at ``--target-mpp 1.0``.
+Run: ``python benchmarks/bench_segmentation.py [--quick] [--split dev|val] [--n-images N] [--k K] [--seed 42]
+[--mpp 1.0] [--extra-args "--halo 64"] [--rows defaults,...] [--rim-rows defaults,...] [--previous-weights OLD.pt]
+[--out DIR] [--keep-runs] [--no-rim]``. ``--quick``: 12 validation tiles, the rim sets at the defaults (and the
+previous defaults) only, 3 osteosarcoma tiles. The full validation split (470 tiles, five rows, no rim sets) took
+about 35 minutes on 2 CPU cores shared part of the time with a training run; the rim sets (CC0 region and all 60
+osteosarcoma tiles, two rows) about 10 minutes.
+
+Rim share is measured on the feature-cell scale also for refined maps: "within one cell" is as many map pixels
+as a feature cell holds (read from the label PNG's ``equiseg:cell_um``).
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ SKIN = REPO / "sample_data" / "CMU-1-Small-Region.svs"
 SPLIT_SEED = 15  # fixes the dev/val split of EBHI-Seg cases for good
 VAL_FRACTION = 0.3
 BOUNDARY_TOL_UM = 2.0
+FEATURE_STRIDE = 8  # target px per feature cell with layer4 (every row here uses layer4)
 N_RESAMPLES = 2000
 METRICS = ("nmi", "ari", "acc", "dice", "bf")
 # The options of the release before issue 15 that differ from today's (with its weights file, --previous-weights).
@@ -105,9 +111,10 @@ class Variant:
 
 @dataclass
 class Run:
-    """One `equiseg run` call: its wall time and the manifest entry of each slide."""
+    """One `equiseg run` call: its wall time, the µm/px the model saw, and the manifest entry of each slide."""
     wall_s: float
     slides: dict[str, dict[str, Any]]
+    target_mpp: float
 
 
 # --- data and split -------------------------------------------------------------------------------------------
@@ -209,7 +216,7 @@ def run_pipeline(inputs: Sequence[Path], out: Path, mpp: float | None, args: Seq
     for name, s in slides.items():
         if s["status"] != "done":
             print(f"  {name}: {s['status']} ({s.get('error')})", file=sys.stderr)
-    return Run(wall, slides)
+    return Run(wall, slides, float(manifest["options"]["segment"]["target_mpp"]))
 
 
 def score_pipeline(tiles: Sequence[Tile], run: Run, out: Path, label: str, tol_px: float) -> list[dict[str, Any]]:
@@ -254,17 +261,23 @@ def score_baselines(tiles: Sequence[Tile], cells_um: Sequence[float], k: int, se
 
 # --- rim share ------------------------------------------------------------------------------------------------
 
-def label_maps(run: Run, out: Path) -> list[np.ndarray]:
-    """The `<region>_labels.png` maps (one pixel per feature cell, 0 = background) of a run's finished slides."""
+def label_maps(run: Run, out: Path) -> list[tuple[np.ndarray, int]]:
+    """The `<region>_labels.png` maps (0 = background) of a run's finished slides, each with its map pixels per
+    feature cell (1 on the cell grid; more when `--refine` drew the map on a finer grid)."""
     maps = []
+    feature_cell_um = run.target_mpp * FEATURE_STRIDE
     for s in run.slides.values():
         if s["status"] == "done":
-            maps += [np.asarray(Image.open(out / p)) for p in s["outputs"] if p.endswith("_labels.png")]
+            for p in s["outputs"]:
+                if p.endswith("_labels.png"):
+                    png = Image.open(out / p)
+                    width = max(1, round(feature_cell_um / float(png.text["equiseg:cell_um"])))
+                    maps.append((np.asarray(png), width))
     return maps
 
 
-def rim_row(set_name: str, variant: str, maps: Sequence[np.ndarray]) -> dict[str, Any]:
-    shares = np.array([sm.rim_share(m) for m in maps]).reshape(-1, 2)
+def rim_row(set_name: str, variant: str, maps: Sequence[tuple[np.ndarray, int]]) -> dict[str, Any]:
+    shares = np.array([sm.rim_share(m, width) for m, width in maps]).reshape(-1, 2)
     return {"set": set_name, "method": variant, "maps": len(maps), "rim_share_mean": float(np.nanmean(shares[:, 0])),
             "rim_share_max": float(np.nanmax(shares[:, 0])), "rim_cells_mean": float(np.nanmean(shares[:, 1]))}
 
@@ -367,6 +380,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="folder for the CSVs (default: a new temporary one)")
     p.add_argument("--keep-runs", action="store_true", help="keep inputs and pipeline outputs under OUT/runs")
     p.add_argument("--no-rim", action="store_true", help="skip the rim-share image sets")
+    p.add_argument("--rows", default=None, help="pipeline rows to run (slugs, comma-separated; default all)")
     p.add_argument("--rim-rows", default=None,
                    help="rows (slugs: defaults, previous, refine-none, ...) run on the rim sets; default all, "
                    "with --quick defaults,previous")
@@ -414,7 +428,8 @@ def report(args: argparse.Namespace, tiles: list[Tile], split: dict[str, str], o
     rows: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
     rims: list[dict[str, Any]] = []
-    variants = pipeline_variants(args.previous_weights)
+    variants = [v for v in pipeline_variants(args.previous_weights)
+                if args.rows is None or v.slug in args.rows.split(",")]
     for v in variants:
         run_out = work / "ebhi" / v.slug
         run = run_pipeline([inputs], run_out, args.mpp, [*common, *v.args])

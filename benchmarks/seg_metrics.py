@@ -171,14 +171,18 @@ def colour_baseline(rgb: np.ndarray, cell: int, feature_set: str, k: int, seed: 
 
 # --- rim share ------------------------------------------------------------------------------------------------
 
-def rim_share(labels: np.ndarray) -> tuple[float, float]:
-    """(largest share of one cluster's cells next to glass, share of all labelled cells next to glass).
+def rim_share(labels: np.ndarray, width: int = 1) -> tuple[float, float]:
+    """(largest share of one cluster's pixels next to glass, share of all labelled pixels next to glass).
 
-    A cell is next to glass when one of its 8 neighbours is background (label 0) or off the map. The second
-    figure is what any cluster would score if it were spread at random over the tissue.
+    A pixel is next to glass when background (label 0) or the map's edge lies within `width` pixels of it
+    (8-neighbourhood steps): one feature cell, so `width` is the number of map pixels per feature cell (1 on the
+    cell grid, 8 on a refined map of 1-µm pixels at 1 µm/px). The second figure is what any cluster would score
+    if it were spread at random over the tissue.
     """
-    padded = np.pad(labels, 1, constant_values=0)
-    near_glass = ndimage.binary_dilation(padded == 0, structure=np.ones((3, 3), dtype=bool))[1:-1, 1:-1]
+    padded = np.pad(labels, width, constant_values=0)
+    size = 2 * width + 1
+    near_glass = ndimage.binary_dilation(padded == 0, structure=np.ones((size, size), dtype=bool))
+    near_glass = near_glass[width:-width, width:-width]
     tissue = labels > 0
     if not tissue.any():
         return float("nan"), float("nan")

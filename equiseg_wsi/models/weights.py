@@ -58,7 +58,7 @@ RANDOM_INIT = "random"
 """Pass as ``weights`` to get the seeded random initialisation instead of the packaged trained model."""
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # The packaged models (docs/model_card.md): trained with dense gland-mask supervision on the EBHI-Seg
-# development cases (float32); the standard-convolution twin the same way.
+# development cases (float32); the standard-convolution twin, trained the same way, is used when installed.
 DEFAULT_WEIGHT_FILES = {"sre": "default_sre.pt", "standard": "default_standard.pt"}
 RETRAIN_COMMAND = (
     "python scripts/train_default_model.py --kind {kind} --out OUT (in a clone of the repository, with "
@@ -292,8 +292,8 @@ def load_weights(path: str | os.PathLike[str], arch: ArchSpec | None = None) -> 
 def default_weights(kind: str = "sre") -> Path:
     """Path of the packaged trained model of ``kind`` ("sre", or "standard" for the twin).
 
-    Both ship with the package; when a file is missing (a trimmed install) this raises WeightsError with the
-    exact (deterministic) command that trains it.
+    The SRE model ships with the package; the twin is used when someone has placed it in the package's data
+    folder. When a file is missing this raises WeightsError with the exact (deterministic) command that trains it.
     """
     if kind not in DEFAULT_WEIGHT_FILES:
         raise WeightsError(f"no default model for kind {kind!r}; choose from {sorted(DEFAULT_WEIGHT_FILES)}")
