@@ -19,7 +19,7 @@ from PIL import Image
 
 from equiseg_wsi.cluster import ClusterModel, fit_region
 from equiseg_wsi.context import fill_outside_tissue, tissue_pixels
-from equiseg_wsi.errors import NoTissueError
+from equiseg_wsi.errors import InputError, NoTissueError, one_line
 from equiseg_wsi.features import FeatureIdentity
 from equiseg_wsi.options import SegmentOptions
 from equiseg_wsi.polygons import remove_small_segments
@@ -62,7 +62,7 @@ class RegionSegmentation:
     cell_um: float
     model: ClusterModel
     n_tiles: int
-    warnings: list[str] = field(default_factory=list)  # one line each: too few cells, clusters that vanished
+    warnings: list[str] = field(default_factory=list)  # one line each: no structure, few cells, vanished clusters
 
 
 def cell_tissue_fraction(tissue: TissueMap, x0: float, y0: float, cell: float, shape: tuple[int, int]) -> np.ndarray:
@@ -189,14 +189,20 @@ def segment_region(
 ) -> RegionSegmentation:
     """Segment one region: fit KMeans on it (intra mode) or apply `model` (a cohort model)."""
     with region_features(slide, area, extractor, options, progress=progress, scratch_dir=scratch_dir) as rf:
+        flat = _no_structure(area.name, rf.rgb[rf.tissue])
         if model is None:
-            model = fit_region(
-                rf.features, rf.tissue, rf.rgb, options.n_clusters, options.n_samples, options.seed,
-                source=area.name, feature_identity=extractor.feature_identity.as_dict(),
-            )
+            try:
+                model = fit_region(
+                    rf.features, rf.tissue, rf.rgb, options.n_clusters, options.n_samples, options.seed,
+                    source=area.name, feature_identity=extractor.feature_identity.as_dict(),
+                )
+            except InputError as exc:  # e.g. an all-black image: every cell's features are the same
+                if flat is None:
+                    raise
+                raise InputError(f"{flat}: is this image blank or black? ({one_line(exc)})") from exc
         labels = model.predict(rf.features, mask=rf.tissue)
     cell_um = options.target_mpp * extractor.stride
-    warnings = _few_cells(area.name, int(rf.tissue.sum()), cell_um)
+    warnings = _flat_warning(flat) + _few_cells(area.name, int(rf.tissue.sum()), cell_um)
     labels = _merge_small(labels, options.min_segment_um2, cell_um)
     seg = RegionSegmentation(area.name, labels, rf.rgb, rf.x0, rf.y0, rf.cell_level0, cell_um, model, rf.n_tiles)
     if options.refine == "colour":
@@ -216,6 +222,35 @@ def _few_cells(name: str, n_cells: int, cell_um: float) -> list[str]:
         return []
     return [f"region {name}: only {n_cells} tissue cells of {cell_um:g} µm (fewer than {MIN_CELLS}); its segments "
             "are coarse, a finer --target-mpp gives more cells"]
+
+
+# Spread of the tissue cells' mean colours (grey levels, robust standard deviation of the most varied channel)
+# below which a region has no structure: a black, blank or flat image. Measured through `equiseg run` at 4 and
+# 2.5 µm/px: the sample slide and the four sample cores 13-46, black / flat grey / flat pink images 0.
+MIN_COLOUR_SPREAD = 2.0
+
+
+def colour_spread(cell_rgb: np.ndarray) -> float:
+    """Robust standard deviation (1.4826 x median absolute deviation) of `cell_rgb` (n, 3), per channel; the
+    largest. Robust because cells at the image edge average in the padding beyond it (white): on a black image
+    they alone would give a plain standard deviation of about 18."""
+    c = np.asarray(cell_rgb, dtype=np.float64).reshape(-1, 3)
+    if not c.size:
+        return 0.0
+    mad = np.median(np.abs(c - np.median(c, axis=0)), axis=0)
+    return float(1.4826 * mad.max())
+
+
+def _no_structure(name: str, cell_rgb: np.ndarray) -> str | None:
+    """'region NAME: no structure (...)' when the region's tissue cells are all one colour, else None."""
+    spread = colour_spread(cell_rgb)
+    if spread >= MIN_COLOUR_SPREAD:
+        return None
+    return f"region {name}: no structure (cell colours vary by only {spread:.1f} grey levels)"
+
+
+def _flat_warning(flat: str | None) -> list[str]:
+    return [] if flat is None else [f"{flat}; its clusters are not tissue classes — is this image blank or black?"]
 
 
 def _vanished(name: str, labels: np.ndarray, k: int) -> list[str]:
