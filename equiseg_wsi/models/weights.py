@@ -292,8 +292,8 @@ def load_weights(path: str | os.PathLike[str], arch: ArchSpec | None = None) -> 
 def default_weights(kind: str = "sre") -> Path:
     """Path of the packaged trained model of ``kind`` ("sre", or "standard" for the twin).
 
-    The SRE model ships with the package; the twin is used when someone has placed it in the package's data
-    folder. When a file is missing this raises WeightsError with the exact (deterministic) command that trains it.
+    Both ship with the package. When a file is missing (a trimmed install) this raises WeightsError with the exact
+    (deterministic) command that trains it.
     """
     if kind not in DEFAULT_WEIGHT_FILES:
         raise WeightsError(f"no default model for kind {kind!r}; choose from {sorted(DEFAULT_WEIGHT_FILES)}")
