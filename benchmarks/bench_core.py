@@ -23,21 +23,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from equiseg_wsi.slide import open_slide
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "sample_data" / "CMU-1-Small-Region.svs"
+from bench_run import mirrored_mosaic  # noqa: E402
+
 CORE_MM = 1.3
 CORE_MPP = 0.25
 
 
 def make_core(path: Path) -> float:
     """Write the core JPEG; returns its disc area in mm²."""
-    with open_slide(SAMPLE) as slide:
-        rgb = slide.read_level(0, 0, 0, slide.width, slide.height)
-        mpp = slide.mpp
-    mosaic = np.concatenate([np.concatenate([rgb, rgb[:, ::-1]], axis=1),
-                             np.concatenate([rgb[::-1], rgb[::-1, ::-1]], axis=1)], axis=0)
+    mosaic, mpp = mirrored_mosaic(2)
     scale = mpp / CORE_MPP
     big = Image.fromarray(np.ascontiguousarray(mosaic)).resize(
         (round(mosaic.shape[1] * scale), round(mosaic.shape[0] * scale)), Image.Resampling.BILINEAR)

@@ -35,20 +35,26 @@ PEAK_WRAPPER = (
 )
 
 
-def make_scaled_slide(path: Path, scale: int) -> None:
-    """`scale` copies of the CC0 region side by side (mirrored so edges meet), written as a 3-level pyramid."""
+def mirrored_mosaic(side: int) -> tuple[np.ndarray, float]:
+    """side x side copies of the CC0 region (mirrored so edges meet) as one RGB array, and its µm/px."""
     with open_slide(SAMPLE) as slide:
         rgb = slide.read_level(0, 0, 0, slide.width, slide.height)
         mpp = slide.mpp
-    side = int(math.isqrt(scale))
-    if side * side != scale:
-        raise SystemExit("--scale must be a square number (1, 4, 9, 16, ...)")
     rows = []
     for r in range(side):
         row = [rgb[::-1] if r % 2 else rgb for _ in range(side)]
         row = [tile[:, ::-1] if c % 2 else tile for c, tile in enumerate(row)]
         rows.append(np.concatenate(row, axis=1))
-    write_aperio_pyramid(path, np.ascontiguousarray(np.concatenate(rows, axis=0)), mpp=mpp, n_levels=3)
+    return np.ascontiguousarray(np.concatenate(rows, axis=0)), mpp
+
+
+def make_scaled_slide(path: Path, scale: int) -> None:
+    """`scale` copies of the CC0 region side by side (mirrored so edges meet), written as a 3-level pyramid."""
+    side = int(math.isqrt(scale))
+    if side * side != scale:
+        raise SystemExit("--scale must be a square number (1, 4, 9, 16, ...)")
+    mosaic, mpp = mirrored_mosaic(side)
+    write_aperio_pyramid(path, mosaic, mpp=mpp, n_levels=3)
 
 
 def run_once(slide: Path, out: Path, target_mpp: float, executor: str) -> tuple[float, float, float]:

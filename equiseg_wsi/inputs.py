@@ -12,7 +12,7 @@ from pathlib import Path
 
 from equiseg_wsi.cores import find_images, parse_core_name
 from equiseg_wsi.errors import InputError
-from equiseg_wsi.files import file_kind
+from equiseg_wsi.files import file_kind, size_text
 from equiseg_wsi.slide import PLAIN_IMAGE_SUFFIXES, PLAUSIBLE_MPP
 
 MANIFEST_NAME = "manifest.csv"
@@ -48,10 +48,6 @@ def _float(value: str | None, where: str) -> float | None:
     return number
 
 
-def _size(n: int) -> str:
-    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
-
-
 def _read_text(path: Path, what: str) -> str:
     """A small regular UTF-8 file's text; devices, FIFOs and folders are refused before being opened.
 
@@ -62,7 +58,7 @@ def _read_text(path: Path, what: str) -> str:
         if not stat.S_ISREG(info.st_mode):
             raise InputError(f"{path}: {what} is not a regular file ({file_kind(info.st_mode)})")
         if info.st_size > MAX_CSV_BYTES:
-            raise InputError(f"{path}: {what} is larger than {_size(MAX_CSV_BYTES)} ({_size(info.st_size)})")
+            raise InputError(f"{path}: {what} is larger than {size_text(MAX_CSV_BYTES)} ({size_text(info.st_size)})")
         # O_NONBLOCK: even a file swapped for a FIFO since the check cannot block the open
         with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as fh:
             mode = os.fstat(fh.fileno()).st_mode
@@ -72,7 +68,7 @@ def _read_text(path: Path, what: str) -> str:
     except OSError as exc:
         raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
     if len(data) > MAX_CSV_BYTES:  # it grew after the check
-        raise InputError(f"{path}: {what} is larger than {_size(MAX_CSV_BYTES)}")
+        raise InputError(f"{path}: {what} is larger than {size_text(MAX_CSV_BYTES)}")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -3,12 +3,12 @@ what the feature stride of a layer is, known without PyTorch (so options are che
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = ["DEFAULT_ARCH", "DEFAULT_LAYER", "LAYER_NAMES", "ArchSpec", "default_arch"]
 
-DEFAULT_LAYER = "layer4"  # the segmentation paper's per-pixel features: 512 channels at 1/8 of the input
+DEFAULT_LAYER = "layer4"  # the segmentation paper's per-pixel features, at 1/8 of the input
 LAYER_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -103,5 +103,4 @@ DEFAULT_ARCH = ArchSpec(kind="sre", stem_kernel=5, kernel_sizes=(5, 5, 5, 3), wi
 
 def default_arch(kind: str = "sre") -> ArchSpec:
     """The packaged architecture for `kind` ("standard" is its twin with ordinary K x K kernels)."""
-    return ArchSpec(kind=kind, stem_kernel=DEFAULT_ARCH.stem_kernel, kernel_sizes=DEFAULT_ARCH.kernel_sizes,
-                    widths=DEFAULT_ARCH.widths, blocks=DEFAULT_ARCH.blocks, strides=DEFAULT_ARCH.strides)
+    return replace(DEFAULT_ARCH, kind=kind)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import WeightsError
 from ..export.atomic import atomic_path
-from ..files import file_kind
+from ..files import file_kind, size_text
 from .arch import DEFAULT_LAYER, ArchSpec, default_arch
 from .resnet import ResNetFeatures, build_model
 
@@ -121,10 +121,6 @@ def _list_keys(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
 def _check_file(path: Path) -> None:
     """A regular, non-empty file whose zip entries (torch's format) do not unpack to far more than its size."""
     try:
@@ -143,8 +139,9 @@ def _check_file(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, ValueError):
         return  # not a zip (legacy torch format, or garbage that torch.load will name)
     if unpacked > _UNPACKED_RATIO * info.st_size and unpacked > _UNPACKED_FLOOR:
-        raise WeightsError(f"{path}: a {_mib(info.st_size)} weights file that would unpack to {_mib(unpacked)} "
-                           f"(over {_UNPACKED_RATIO}x its size): refused as a zip bomb, nothing loaded")
+        raise WeightsError(f"{path}: a weights file of {size_text(info.st_size)} that would unpack to "
+                           f"{size_text(unpacked)} (over {_UNPACKED_RATIO}x its size): refused as a zip bomb, "
+                           "nothing loaded")
 
 
 def _check_finite(sd: Mapping[str, Tensor], meta: Mapping[str, Any] | None, path: Path) -> None:
