@@ -75,7 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import seg_metrics as sm  # noqa: E402
 
 from equiseg_wsi.models.weights import default_weights, has_default_weights  # noqa: E402
-from equiseg_wsi.options import SegmentOptions  # noqa: E402
+from equiseg_wsi.options import RunOptions, SegmentOptions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -185,7 +185,9 @@ def pipeline_variants(previous_weights: Path | None = None) -> list[Variant]:
     release's defaults when its weights file is given, and the twin when installed."""
     seg = SegmentOptions()
     other_refine = "none" if seg.refine != "none" else "colour"
-    variants = [Variant("equiseg run (defaults)", "defaults", ()),
+    clustering = RunOptions().clustering
+    variants = [Variant(f"equiseg run (defaults: --clustering {clustering})", "defaults", ()),
+                Variant("equiseg run --clustering region", "clustering-region", ("--clustering", "region")),
                 Variant(f"equiseg run --refine {other_refine}", f"refine-{other_refine}", ("--refine", other_refine)),
                 Variant("equiseg run --target-mpp 2.5", "target-mpp-2.5", ("--target-mpp", "2.5")),
                 Variant("equiseg run --weights random", "weights-random", ("--weights", "random"))]

@@ -13,7 +13,7 @@ from equiseg_wsi.export.tma_outputs import export_dearray
 from equiseg_wsi.inputs import read_case_ids
 from equiseg_wsi.slide import open_slide
 from equiseg_wsi.tissue import DEFAULT_TISSUE_MPP
-from equiseg_wsi.tma import TmaGrid, dearray_slide
+from equiseg_wsi.tma import NotTmaError, TmaGrid, dearray_slide
 
 from .options import backend_option, mpp_option, quiet_option
 
@@ -52,8 +52,13 @@ from .options import backend_option, mpp_option, quiet_option
 @click.option(
     "--case-ids", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
     help="CSV mapping core name to case id (header with e.g. 'core' and 'case_id', or two plain columns). The ids "
-    "go to the .qptma identifier column (QuPath's 'Unique ID') and the case_id column of the cores CSV. "
+    "go to the 'Case ID' column of the .qptma (the one QuPath reads) and the case_id column of the cores CSV. "
     "Default: no case ids.",
+)
+@click.option(
+    "--tma", "force_tma", is_flag=True, default=False,
+    help="Dearray the slide even if it does not look like a TMA (then a warning says why). Default: such a "
+    "slide fails with a one-line error naming the reason.",
 )
 @quiet_option
 def dearray(
@@ -67,6 +72,7 @@ def dearray(
     backend: str,
     mpp: float | None,
     case_ids: Path | None,
+    force_tma: bool,
     quiet: bool,
 ) -> None:
     """Dearray the TMA slide SLIDE: find its cores, fit the grid and name the cores like QuPath (A-1, ...).
@@ -76,6 +82,9 @@ def dearray(
     'TMA core missing'), <slide>_cores.csv (one row per grid position: name, 1-based row and column, present,
     level-0 bounding box and centre in px, diameter in µm, case id) and <slide>_grid.png (overview with the grid;
     missing positions dashed red). Coordinates are level-0 pixels of the slide.
+
+    A slide that does not look like a TMA (fewer than 4 round, core-sized pieces on a grid, e.g. one tissue
+    section) fails with one line saying why; --tma dearrays it anyway, with a warning.
     """
     started = time.perf_counter()
     ids = read_case_ids(case_ids) if case_ids is not None else None
@@ -83,9 +92,11 @@ def dearray(
         with open_slide(slide, backend=backend, mpp=mpp) as opened:
             grid, _ = dearray_slide(
                 opened, tissue_mpp, core_diameter_um=core_diameter, row_labels=row_labels, col_labels=col_labels,
-                row_first=row_first,
+                row_first=row_first, require_tma=not force_tma,
             )
             paths = export_dearray(grid, opened, output, case_ids=ids)
+    except NotTmaError as exc:
+        raise NotTmaError(f"{slide}: {exc}; pass --tma to dearray it anyway") from exc
     except EquisegError as exc:  # name the slide in the one-line message
         if str(slide) in str(exc):
             raise

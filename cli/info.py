@@ -37,6 +37,9 @@ def _format_block(info: SlideInfo) -> str:
 def info(slides: tuple[str, ...], backend: str, mpp: float | None, as_json: bool) -> None:
     """Show size, pyramid levels, resolution (µm/px), vendor and QuPath bounds offset of each SLIDE.
 
+    A SLIDE may be a DICOM WSI folder (or any one file of its series). A slide whose glass is far from
+    neutral grey/white gets a warning on stderr naming the likely cause (e.g. YCbCr data labelled RGB).
+
     Unreadable files get a one-line error on stderr; the others are still reported; the exit code is 1 if
     any file failed.
     """
@@ -45,6 +48,8 @@ def info(slides: tuple[str, ...], backend: str, mpp: float | None, as_json: bool
         try:
             with open_slide(path, backend=backend, mpp=mpp) as slide:
                 slide_info = slide.info()
+                for warning in slide.check_glass():  # e.g. a glass colour far from neutral
+                    click.echo(f"Warning: {warning}", err=True)
         except EquisegError as exc:
             failed += 1
             click.echo(f"Error: {exc}", err=True)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from equiseg_wsi.pretrain import PretrainConfig, StepInfo
 from equiseg_wsi.pretrain import pretrain as run_pretrain
+from equiseg_wsi.training.config import LAYOUTS
 
 from .options import backend_option, mpp_option, quiet_option
+from .progress import Progress
 
 _DEFAULT = PretrainConfig()
 
@@ -46,15 +47,18 @@ def _widths(text: str) -> tuple[int, ...]:
               "INPUT is one ROOT folder of ROOT/<class>/*.png|jpg|tif tiles (NCT-CRC-HE-100K layout).")
 @click.option("--arch", type=click.Choice(["sre", "standard"]), default="sre", show_default=True,
               help="SRE-ResNet-18 (rotation-equivariant ring kernels) or its standard-convolution twin.")
-@click.option("--widths", default="64,128,256,512", show_default=True, metavar="W1,W2,W3,W4",
-              help="Channels per stage. The packaged models use the default (SRE-ResNet-18); smaller ones are for "
-              "quick experiments and tests.")
+@click.option("--layout", type=click.Choice(list(LAYOUTS)), default="compact", show_default=True,
+              help="Network layout. compact: the packaged models' (one block per stage, rings 5/5/5/3, widths "
+              "16,32,64,128; trains in minutes on a CPU, and `equiseg run`'s defaults are tuned to it). resnet18: the "
+              "published SRE-ResNet-18 (two blocks per stage, rings 9/9/5/5, widths 64,128,256,512; about 8x slower).")
+@click.option("--widths", default=None, metavar="W1,W2,W3,W4",
+              help="Channels per stage. Default: the layout's (16,32,64,128 for compact).")
 @click.option("--tile", type=click.IntRange(min=16), default=_DEFAULT.tile, show_default=True,
               help="Network input side in px (multiple of 8). Supervised tiles are resized to it.")
 @click.option("--mpp-range", nargs=2, type=click.FloatRange(min=0, min_open=True),
               default=(_DEFAULT.mpp_min, _DEFAULT.mpp_max), show_default=True,
-              help="ssl: each view is read at a log-uniform resolution in this range, µm/px (the product runs "
-              "at 2.5).")
+              help="ssl: each view is read at a log-uniform resolution in this range, µm/px (`equiseg run` "
+              "defaults to --target-mpp 1.0).")
 @click.option("--region", default=None, metavar="X,Y,W,H",
               help="ssl: read views only inside this level-0 rectangle of every input (px), e.g. to hold out "
               "the rest for evaluation. Default: the whole image.")
@@ -73,7 +77,8 @@ def _widths(text: str) -> tuple[int, ...]:
 @click.option("--dense-weight", type=click.FloatRange(min=0), default=_DEFAULT.dense_weight, show_default=True,
               help="ssl: weight of the dense term, a cell-level InfoNCE that makes the layer4 features of the same "
               "tissue location agree between the two views (what segmentation clusters); 0 = pooled SimCLR only, the "
-              "shipped model's recipe (the dense term did not help on its validation rows; docs/model_card.md).")
+              "recipe of the last self-supervised packaged model (the dense term did not help on its validation rows; "
+              "docs/model_card.md).")
 @click.option("--dense-loss", type=click.Choice(["infonce", "cosine"]), default=_DEFAULT.dense_loss,
               show_default=True, help="ssl: the dense term. infonce: projected cells against other spots' cells. "
               "cosine: matched raw layer4 cells pulled together, no negatives.")
@@ -87,10 +92,12 @@ def _widths(text: str) -> tuple[int, ...]:
 @click.option("--border-prob", type=click.FloatRange(0, 1), default=_DEFAULT.border_prob, show_default=True,
               help="Probability that a view gets a synthetic tissue border: the part beyond a random straight "
               "line (10-50% of the view) becomes empty glass, so features near tissue edges describe the "
-              "tissue, not the glass. The shipped model used 0.5 (docs/model_card.md).")
+              "tissue, not the glass. The default, 0.5, is what the last self-supervised packaged model used "
+              "(docs/model_card.md).")
 @click.option("--rotate-augment/--no-rotate-augment", default=False, show_default=True,
               help="Random 90° turns and flips. Unneeded for SRE (rotation-equivariant by construction, so "
-              "turned views add nothing); the default twin is trained without it to compare architectures.")
+              "turned views add nothing); off by default so that an SRE-vs-standard comparison isolates the "
+              "architecture. (The packaged models' mask-supervised recipe turns and flips every crop, for both kinds.)")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation, data and augmentation.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="Where to train; auto picks CUDA, then MPS, then CPU.")
@@ -106,7 +113,7 @@ def _widths(text: str) -> tuple[int, ...]:
 @backend_option
 @mpp_option
 @quiet_option
-def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, widths: str, tile: int,
+def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, layout: str, widths: str | None, tile: int,
              mpp_range: tuple[float, float], region: str | None, batch_size: int, epochs: int,
              steps_per_epoch: int, lr: float, warmup_steps: int, temperature: float, dense_weight: float,
              dense_loss: str, val_fraction: float, hed_sigma: float, blur_prob: float, border_prob: float,
@@ -118,36 +125,38 @@ def pretrain(inputs: tuple[Path, ...], out_dir: Path, mode: str, arch: str, widt
     \b
     ssl:        equiseg pretrain --mode ssl slides/ -o runs/ssl
     supervised: equiseg pretrain --mode supervised NCT-CRC-HE-100K/ -o runs/sup --tile 96
+
+    The packaged default model is not made by this command: it was trained with dense gland-mask supervision
+    on EBHI-Seg (`python scripts/train_default_model.py`, docs/model_card.md). The defaults here share its
+    network layout and its stain and brightness/contrast jitter; the self-supervised options (--border-prob
+    0.5, no dense term, no rotations) follow the recipe of the last self-supervised packaged model.
     """
+    stem_kernel, kernel_sizes, blocks, layout_widths = LAYOUTS[layout]
     config = PretrainConfig(
-        mode=mode, arch=arch, widths=_widths(widths), tile=tile, mpp_min=mpp_range[0], mpp_max=mpp_range[1],
+        mode=mode, arch=arch, widths=_widths(widths) if widths else layout_widths, stem_kernel=stem_kernel,
+        kernel_sizes=kernel_sizes, blocks=blocks, tile=tile, mpp_min=mpp_range[0], mpp_max=mpp_range[1],
         region=_region(region),
         batch_size=batch_size, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=lr, warmup_steps=warmup_steps,
         temperature=temperature, dense_weight=dense_weight, dense_loss=dense_loss, val_fraction=val_fraction,
         hed_sigma=hed_sigma, blur_prob=blur_prob, border_prob=border_prob, rotate_augment=rotate_augment, seed=seed,
         save_dtype="float16" if half_weights else "float32",
     )
-    show = not quiet and sys.stderr.isatty()
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, unit="step", file=sys.stderr, dynamic_ncols=True)
+    # a bar of epochs and one of the current epoch's steps on a terminal; otherwise a line per epoch, one a minute
+    bars = Progress(config.epochs, quiet=quiet, item="epoch", inner="steps", inner_unit="step")
 
     def on_step(info: StepInfo) -> None:
-        if bar is not None:
-            bar.total = info.total_steps
-            bar.n = info.step
-            bar.set_postfix_str(f"epoch {info.epoch}/{info.epochs} loss {info.loss:.4f} lr {info.lr:.2e}")
-            bar.refresh()
+        per_epoch = max(1, info.total_steps // max(1, info.epochs))
+        in_epoch = info.step - (info.epoch - 1) * per_epoch
+        if in_epoch == 1 or bars.current is None:
+            bars.start(info.epoch - 1, "")
+        bars.units(in_epoch, per_epoch, "steps")
+        if in_epoch >= per_epoch:
+            bars.finish(info.epoch - 1, "", f"loss {info.loss:.4f}, lr {info.lr:.2e} at step {info.step}")
 
-    try:
+    with bars:
         result = run_pretrain([str(p) for p in inputs], out_dir, config, device=device, amp=amp, resume=resume,
                               backend=backend, mpp=mpp, stop_after_epoch=stop_after_epoch, threads=threads,
                               on_step=on_step)
-    finally:
-        if bar is not None:
-            bar.close()
     if quiet:
         return
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())

@@ -21,9 +21,10 @@ from .options import Pipeline, pipeline_options, progress_bars, quiet_option
               "such as 0,45,90. 0 is always added as the reference; multiples of 90 are reported apart.")
 @click.option("--models", nargs=2, type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               metavar="A.pth B.pth",
-              help="Compare these two weight files. Default: the packaged SRE model and its standard-convolution "
-              "twin trained the same way; while trained weights are not installed for both, both are the same "
-              "seeded random initialisation (seed 0, labelled untrained).")
+              help="Compare these two weight files. Default: the model `equiseg run` uses (the packaged SRE weights, "
+              "equiseg_wsi/data/default_sre.pt) and its standard-convolution twin trained by the same recipe "
+              "(default_standard.pt). If either file is not installed, both are the same seeded random "
+              "initialisation (seed 0), labelled untrained with the reason.")
 @pipeline_options()
 @quiet_option
 def robustness(

@@ -32,9 +32,11 @@ if TYPE_CHECKING:
     from equiseg_wsi.inputs import SlideSource, collect_inputs
     from equiseg_wsi.options import ExtractorSpec, RegionOptions, RunJob, RunOptions, SegmentOptions
     from equiseg_wsi.regions import RegionArea, slide_regions
-    from equiseg_wsi.runner import SlideResult, run_slides, write_run_outputs
+    from equiseg_wsi.run_files import write_run_outputs
+    from equiseg_wsi.runner import run_slides
     from equiseg_wsi.segment import RegionSegmentation, segment_region
     from equiseg_wsi.slide import Slide, open_slide
+    from equiseg_wsi.slide_result import SlideResult
 
 _WHERE: dict[str, str] = {
     "ClusterModel": "cluster",
@@ -51,9 +53,9 @@ _WHERE: dict[str, str] = {
     "SegmentOptions": "options",
     "RegionArea": "regions",
     "slide_regions": "regions",
-    "SlideResult": "runner",
+    "SlideResult": "slide_result",
     "run_slides": "runner",
-    "write_run_outputs": "runner",
+    "write_run_outputs": "run_files",
     "RegionSegmentation": "segment",
     "segment_region": "segment",
     "Slide": "slide",

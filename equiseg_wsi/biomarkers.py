@@ -3,7 +3,8 @@
 Why these numbers: they summarise a segmentation in units a pathologist can use (µm, µm², fractions) and are
 what the rotation protocol checks for stability. All values are finite; a cluster absent from a
 region gets 0 for every column, including those that are undefined for an empty cluster (mean component
-area, fragmentation, mean colour, mean OD) — read ``c{i}_area_um2 > 0`` before interpreting those.
+area, fragmentation, mean colour, mean OD) — read ``c{i}_area_um2 > 0`` before interpreting those. The one
+row with empty measurements is that of a missing TMA core (``present`` False, `missing_region_row`).
 
 Conventions: label 0 is background / not tissue, 1..K are clusters in canonical order. Connected components
 use 4-connectivity (pixels sharing an edge), matching the pixel-edge polygons exported to QuPath. Perimeters
@@ -33,11 +34,15 @@ __all__ = [
     "column_docs",
     "compute_biomarkers",
     "format_value",
+    "is_measured",
+    "missing_region_row",
     "segment_measurements",
     "write_csv",
 ]
 
-IDENTITY_COLUMNS: tuple[str, ...] = ("slide", "region", "grid_row", "grid_column", "source_path", "case_id")
+IDENTITY_COLUMNS: tuple[str, ...] = (
+    "slide", "region", "grid_row", "grid_column", "present", "source_path", "case_id",
+)
 
 _PER_CLUSTER: tuple[str, ...] = (
     "area_um2",
@@ -58,6 +63,10 @@ COLUMN_DOCS: dict[str, str] = {
     "region": "Core or tissue-region name (QuPath TMA style 'A-1' for a grid core).",
     "grid_row": "TMA grid row (1-based; empty when the region is not part of a grid).",
     "grid_column": "TMA grid column (1-based; empty when the region is not part of a grid).",
+    "present": (
+        "True for a measured region; False for a TMA grid position without a core (missing), whose "
+        "measurement columns are all empty."
+    ),
     "source_path": "Path of the input image or slide.",
     "case_id": "Case / patient id from the manifest (empty when not given).",
     "n_clusters": "Number of clusters K of the segmentation.",
@@ -206,7 +215,9 @@ def _identity_values(identity: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for col in IDENTITY_COLUMNS:
         v = ident.get(col)
-        if v is None:
+        if col == "present":  # a measured region is present unless said otherwise
+            out[col] = str(bool(True if v is None else v))
+        elif v is None:
             out[col] = ""
         elif isinstance(v, (bool, np.bool_)):
             out[col] = str(bool(v))
@@ -276,6 +287,26 @@ def compute_biomarkers(
         for j in range(i + 1, k + 1):
             row[f"boundary_{i}_{j}_fraction"] = float(pair_edges[i, j] / total_pairs) if total_pairs else 0.0
     return row
+
+
+def missing_region_row(like: Mapping[str, Any], identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The row of a TMA grid position without a core: the columns of `like` (a measured row), its identity
+    from `identity` with ``present`` False, ``n_clusters`` as in `like`, every measurement empty (None)."""
+    ident = _identity_values({**identity, "present": False})
+    row: dict[str, Any] = {}
+    for col in like:
+        if col in ident:
+            row[col] = ident[col]
+        elif col == "n_clusters":
+            row[col] = like[col]
+        else:
+            row[col] = None
+    return row
+
+
+def is_measured(row: Mapping[str, Any]) -> bool:
+    """False for the row of a missing TMA core (`missing_region_row`), True for a measured region."""
+    return str(row.get("present", "True")) != "False"
 
 
 # ------------------------------------------------------------------------------------ rotation helper

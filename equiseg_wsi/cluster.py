@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import InputError, ModelMismatchError
 from .export.atomic import atomic_write_bytes
+from .kmeans import kmeans
 from .sampling import sample_positions, source_rng
 
 __all__ = [
@@ -166,12 +167,13 @@ class ClusterModel:
             n = idx.size
         c = self.centroids.astype(np.float64)
         c_sq = np.einsum("kc,kc->k", c, c)
+        c_t = np.ascontiguousarray(c.T)  # matmul with the transposed view is many times slower
         step = max(1, int(chunk))
         for start in range(0, n, step):
             sel = slice(start, min(start + step, n))
             rows = flat[sel] if idx is None else flat[idx[sel]]
             x = l2_normalise(rows).astype(np.float64)
-            d = c_sq[None, :] - 2.0 * (x @ c.T)  # ||x||² is the same for every centroid
+            d = c_sq[None, :] - 2.0 * (x @ c_t)  # ||x||² is the same for every centroid
             lab = np.argmin(d, axis=1).astype(np.int32) + 1
             if idx is None:
                 out[sel] = lab
@@ -341,8 +343,6 @@ def fit_kmeans(
     feature-cell resolution). Cluster 1 is the cluster whose fitted samples have the highest mean OD
     (darkest, haematoxylin-rich), cluster K the lightest; that makes ids mean the same across runs.
     """
-    from sklearn.cluster import KMeans  # imported here: sklearn is heavy and only needed to fit
-
     f = np.asarray(features, dtype=np.float32)
     o = np.asarray(od, dtype=np.float64).ravel()
     k = int(k)
@@ -361,9 +361,8 @@ def fit_kmeans(
             f"cannot fit {k} clusters on {n_distinct} distinct feature vectors ({f.shape[0]} samples): "
             "use fewer clusters or more tissue"
         )
-    km = KMeans(n_clusters=k, n_init=int(n_init), max_iter=int(max_iter), random_state=int(seed))
-    km.fit(x)
-    raw = np.asarray(km.cluster_centers_, dtype=np.float32)
+    km = kmeans(x, k, n_init=int(n_init), max_iter=int(max_iter), seed=int(seed))
+    raw = np.asarray(km.centers, dtype=np.float32)
     provisional = ClusterModel(centroids=raw, k=k)
     lab = provisional.predict(x) - 1  # same nearest-centroid rule as later predictions
     counts = np.bincount(lab, minlength=k)
@@ -380,7 +379,7 @@ def fit_kmeans(
         seed=int(seed),
         sources=list(sources or []),
         n_init=int(n_init),
-        inertia=float(km.inertia_),
+        inertia=float(km.inertia),
     )
 
 

@@ -19,25 +19,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
-from equiseg_wsi.cluster import ClusterModel, fit_kmeans, optical_density
+from equiseg_wsi.cluster import ClusterModel
 from equiseg_wsi.errors import InputError
 from equiseg_wsi.features import build_extractor
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.regions import Failures, each_region
+from equiseg_wsi.regions import Failures
 from equiseg_wsi.robustness import ModelUnderTest, RotationSeries, run_experiment
 from equiseg_wsi.robustness_report import write_rotation_series
-from equiseg_wsi.runner import SlideResult, run_slides, write_run_outputs
-from equiseg_wsi.sampling import CohortSampler
-from equiseg_wsi.segment import region_features
+from equiseg_wsi.run_files import write_run_outputs
+from equiseg_wsi.run_model import fit_regions
+from equiseg_wsi.runner import run_slides
+from equiseg_wsi.slide_result import SlideResult
 
 __all__ = ["AnalysisResult", "fit_cohort", "inter_subject", "intra_subject", "split_by_slide"]
-
-_ROWS_PER_CHUNK = 64  # feature-map rows fed to the sampler at a time (bounded memory for memory-mapped maps)
-
 
 def fit_cohort(
     sources: Sequence[SlideSource],
@@ -47,38 +43,9 @@ def fit_cohort(
     on_region: Callable[[str], None] | None = None,
     progress: ProgressCallback = no_progress,
 ) -> tuple[ClusterModel, Failures]:
-    """Fit one KMeans on `job.options.segment.n_samples` tissue cells from every region of every source.
-
-    Regions are found as `equiseg run` finds them. Features are streamed region by region (large regions
-    through a scratch file) and only the per-region samples are kept, so memory is one region's features plus
-    n_samples x C floats per region. The model records the feature identity and the region names it was
-    fitted on (`slide/region`). Regions that fail are returned as failures; raises InputError when no tissue
-    cell was sampled at all.
-    """
-    seg = job.options.segment
-    extractor = build_extractor(job.spec)
-    sampler = CohortSampler(seg.n_samples, seg.seed)
-    failures = Failures()
-    for item in each_region(sources, job.options.regions, failures, on_region=on_region):
-        with failures.catch(item.source.name, item.area.name):
-            with region_features(item.slide, item.area, extractor, seg, progress=progress) as rf:
-                _feed(sampler, item.key, rf.features, rf.tissue, rf.rgb)
-    if not sampler.sources:
-        reasons = "; ".join(f.error for f in failures) or "no inputs"
-        raise InputError(f"no tissue cells to fit on ({reasons})")
-    features, od, _ = sampler.result()
-    model = fit_kmeans(features, od, seg.n_clusters, seg.seed, n_init=n_init,
-                       feature_identity=extractor.feature_identity.as_dict(), sources=sampler.sources)
-    return model, failures
-
-
-def _feed(sampler: CohortSampler, name: str, features: np.ndarray, tissue: np.ndarray, rgb: np.ndarray) -> None:
-    """Offer a region's tissue cells to the sampler a band of rows at a time (never the whole map in RAM)."""
-    for r0 in range(0, tissue.shape[0], _ROWS_PER_CHUNK):
-        band = slice(r0, r0 + _ROWS_PER_CHUNK)
-        mask = tissue[band]
-        if mask.any():
-            sampler.feed(name, np.asarray(features[band])[mask], optical_density(rgb[band])[mask])
+    """`equiseg fit`: one KMeans on `n_samples` interior tissue cells of every region of every source, as the
+    run-wide clustering fits it (`run_model.fit_regions`, without a feature cache)."""
+    return fit_regions(sources, job, n_init=n_init, on_region=on_region, progress=progress)
 
 
 def split_by_slide(sources: Sequence[SlideSource]) -> tuple[list[SlideSource], list[SlideSource]]:

@@ -16,7 +16,8 @@ from equiseg_wsi.errors import InputError
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.runner import SlideResult, process_slide
+from equiseg_wsi.runner import OutputWriteError, process_slide
+from equiseg_wsi.slide_result import SlideResult
 
 __all__ = ["DaskExecutor"]
 
@@ -31,8 +32,9 @@ class DaskExecutor:
     """Slides as tasks on the scheduler at `scheduler` (tcp://host:port), or on a local cluster of `n_workers`.
 
     Results come back in input order whatever order the workers finish in. A worker that dies on a slide
-    (killed, out of memory) fails that slide only. Tasks ask for one `GPU` resource when the device is CUDA,
-    so start GPU workers with `--resources GPU=1` (one per GPU).
+    (killed, out of memory) fails that slide only; a full or read-only output folder (`OutputWriteError`) and
+    Ctrl-C stop the run (leaving the client's context cancels the tasks not yet finished). Tasks ask for one
+    `GPU` resource when the device is CUDA, so start GPU workers with `--resources GPU=1` (one per GPU).
     """
 
     scheduler: str | None = None
@@ -69,6 +71,8 @@ class DaskExecutor:
                     i = futures[future]
                     try:
                         result = future.result()
+                    except OutputWriteError:  # the output folder is full or read-only: the run stops
+                        raise
                     except Exception as exc:  # the worker itself failed (killed, lost): this slide only
                         source = sources[i]
                         result = SlideResult(name=source.name, path=str(source.path), status="failed",

@@ -13,7 +13,7 @@ from pathlib import Path
 from equiseg_wsi.cores import find_images, parse_core_name
 from equiseg_wsi.errors import InputError
 from equiseg_wsi.files import file_kind, size_text
-from equiseg_wsi.slide import PLAIN_IMAGE_SUFFIXES, PLAUSIBLE_MPP
+from equiseg_wsi.slide import PLAIN_IMAGE_SUFFIXES, PLAUSIBLE_MPP, find_dicom_files, is_dicom, slide_key, slide_stem
 
 MANIFEST_NAME = "manifest.csv"
 PATH_COLUMNS = ("processed", "path")
@@ -134,6 +134,8 @@ def _check_duplicates(path: Path, rows: list[dict[str, str]]) -> None:
 
 def _source(path: Path, row: dict[str, str] | None, default_mpp: float | None) -> SlideSource:
     slide, core = parse_core_name(path)
+    if is_dicom(path):  # a DICOM WSI is a series of files: it is named after its folder
+        slide = slide_stem(path)
     where = row["_where"] if row else str(path)
     if row:
         slide = row.get("slide") or slide
@@ -181,21 +183,27 @@ def _from_folder(folder: Path, mpp: float | None, skip: Path | None) -> Iterable
             for row in read_manifest(d / MANIFEST_NAME):
                 rows[Path(row["path"]).resolve()] = row
     for d in folders:
-        for image in find_images(d):
+        for image in [*find_images(d), *find_dicom_files(d)]:  # each DICOM series once: see _unique
             yield _source(image, rows.get(image.resolve()), mpp)
 
 
+def output_stem(path: Path) -> str:
+    """A file's preferred output-folder name: its name up to the first dot (`x` for x.ome.tiff); for a file of
+    a DICOM WSI series, its folder's name."""
+    return slide_stem(path) or "slide"
+
+
 def _unique(found: list[SlideSource]) -> list[SlideSource]:
-    seen: set[Path] = set()
+    seen: set[tuple[str, str]] = set()
     used: set[str] = set()
     out = []
     for source in found:
         path = source.path
-        key = path.resolve()
+        key = slide_key(path)  # the files of one DICOM series are one slide
         if key in seen:
             continue
         seen.add(key)
-        stem = path.name.split(".")[0] or "slide"
+        stem = output_stem(path)
         name, n = stem, 1
         while name in used:  # a counter that is itself another file's stem is skipped (a.png after a-2.jpg)
             n += 1

@@ -17,6 +17,7 @@ from equiseg_wsi.tissue import DEFAULT_TISSUE_MPP
 
 __all__ = [
     "DEFAULT_MIN_TISSUE_AREA_UM2",
+    "CLUSTERING_MODES",
     "GLASS_MODES",
     "REFINE_MODES",
     "DEFAULT_MODEL_SEED",
@@ -36,6 +37,7 @@ DEFAULT_MIN_TISSUE_AREA_UM2 = 20000.0  # tissue pieces of a whole slide smaller 
 MAX_CLUSTERS = 20
 GLASS_MODES = ("keep", "fill")
 REFINE_MODES = ("none", "colour")
+CLUSTERING_MODES = ("run", "slide", "region")
 
 
 def _check(ok: bool, option: str, message: str) -> None:
@@ -63,7 +65,7 @@ class SegmentOptions:
     n_samples: int = 2000  # tissue cells sampled per region to fit KMeans
     seed: int = 42
     target_mpp: float = DEFAULT_TARGET_MPP  # µm/px the model sees
-    tile_size: int = 512  # tile interior, px at target_mpp
+    tile_size: int = 1536  # largest tile interior, px at target_mpp: a 1.3-mm core at 1 µm/px is one tile
     halo: int | None = None  # px at target_mpp; None: the extractor's recommended halo
     min_segment_um2: float = 250.0  # smaller segments join their longest-border neighbour (benchmark: 100-250 best)
     min_cell_tissue: float = 0.5  # share of a feature cell that must be tissue for the cell to be labelled
@@ -125,12 +127,28 @@ class RunOptions:
     apply_bounds_offset: bool = True  # subtract OpenSlide bounds-x/-y so GeoJSON lands where QuPath shows it
     overwrite: bool = False
     case_ids: dict[str, str] = field(default_factory=dict)  # TMA core name -> case id
+    clustering: str = "run"  # one KMeans for the whole run ("run"), per slide ("slide") or per region ("region")
+    cluster_names: tuple[str, ...] = ()  # QuPath class names of clusters 1..K (default "Cluster i")
 
     def __post_init__(self) -> None:
         _non_negative(self.simplify_cells, "--simplify")
+        _choice(self.clustering, CLUSTERING_MODES, "--clustering")
+        if self.cluster_names:
+            _check_cluster_names(tuple(self.cluster_names), self.segment.n_clusters)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_cluster_names(names: tuple[str, ...], k: int) -> None:
+    """One name per cluster; each non-empty, unique, without ':' or a newline (QuPath splits class names there)."""
+    _check(len(names) == k, "--cluster-names",
+           f"{len(names)} name(s) given for {k} clusters (--n-clusters, or the K of --kmeans-model)")
+    for name in names:
+        _check(isinstance(name, str) and bool(name.strip()), "--cluster-names", f"empty name in {list(names)}")
+        _check(not any(c in name for c in ":\n\r"), "--cluster-names",
+               f"{name!r} must not contain ':' or a newline (QuPath splits class names there)")
+    _check(len(set(names)) == len(names), "--cluster-names", f"names must be unique, got {list(names)}")
 
 
 DEFAULT_MODEL_SEED = 0  # seed of the random initialisation (`--weights random`)
@@ -184,7 +202,8 @@ class RunJob:
 
     spec: ExtractorSpec
     options: RunOptions = field(default_factory=RunOptions)
-    kmeans_model: str | None = None  # path of a model written by `equiseg fit`
+    kmeans_model: str | None = None  # path of a model written by `equiseg fit` (or the run's own, run_model)
+    feature_cache: str | None = None  # folder where region features wait between a run-wide fit and segmentation
 
     def __post_init__(self) -> None:
         if not math.isclose(self.spec.target_mpp, self.options.segment.target_mpp):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import shapely
@@ -261,8 +262,8 @@ def _trace_cells(labels: np.ndarray) -> dict[int, MultiPolygon]:
     shapes = rio_features.shapes(labels, mask=labels > 0, connectivity=4, transform=Affine.identity())
     for geojson_geom, value in shapes:
         lab = int(value)
-        rings = geojson_geom["coordinates"]
-        parts.setdefault(lab, []).append(Polygon(rings[0], rings[1:]))
+        rings: list[Any] = [shapely.linearrings(np.asarray(r, dtype=np.float64)) for r in geojson_geom["coordinates"]]
+        parts.setdefault(lab, []).append(shapely.polygons(rings[0], holes=rings[1:] or None))
     return {lab: _as_valid_multipolygon(MultiPolygon(polys)) for lab, polys in sorted(parts.items())}
 
 

@@ -19,16 +19,19 @@ Two modes, one loop:
   type, and negatives would push those cells apart. Off by default: on the validation rows of the one
   training image neither variant beat the pooled loss alone (docs/model_card.md), so it is kept for cohorts
   where it can be validated, not adopted.
-  **Tissue borders** (opt-in, ``border_prob`` > 0): a view gets, with that probability, a straight edge beyond
+  **Tissue borders** (``border_prob``, default 0.5): a view gets, with that probability, a straight edge beyond
   which it shows empty glass (10-50 % of the view; :func:`equiseg_wsi.training.augment.tissue_border`). Views
   are centred on tissue, so without it the network rarely sees glass beside tissue, while every segmentation
-  cell near an edge does, and K-means spent a cluster on a rim around the tissue. The shipped model uses 0.5
-  (docs/model_card.md).
+  cell near an edge does, and K-means spent a cluster on a rim around the tissue. The last self-supervised
+  packaged model used 0.5 (docs/model_card.md, history), hence the default.
   **No rotation augmentation** by default: an SRE network is rotation-equivariant by construction (exactly
   for 90° turns and flips, closely at other angles) and its pooled features are therefore already invariant;
   a rotated view carries no new information and would only cost compute. ``rotate_augment=True`` adds
-  random 90° turns and flips, e.g. to give the standard twin invariance learnt from data; the shipped
-  twin is trained without it so that the SRE-vs-standard comparison isolates the architecture.
+  random 90° turns and flips, e.g. to give the standard twin invariance learnt from data. (The packaged
+  models are not made by this loop: they were trained with dense gland-mask supervision,
+  ``scripts/train_default_model.py`` / :mod:`equiseg_wsi.training.masks`, which turns and flips every crop for
+  both kinds. What this loop shares with that recipe by default: the network layout, ``DEFAULT_ARCH``, and the
+  HED stain and brightness/contrast jitter.)
 * ``supervised``: cross-entropy on ``ROOT/<class>/*.png|jpg|tif`` (the NCT-CRC-HE-100K layout), with a
   seeded stratified validation split; accuracy is reported at 0/90/180/270° of the validation tiles.
 

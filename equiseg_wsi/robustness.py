@@ -173,12 +173,14 @@ def default_models(
     seeded random initialisation (same seed, same topology, same scaling rule), so the comparison is never
     a trained model against an untrained one. The labels say which.
     """
-    trained = all(has_default_weights(kind) for kind in ("sre", "standard"))
+    missing = [kind for kind in ("sre", "standard") if not has_default_weights(kind)]
+    trained = not missing
+    why = f"; the packaged {' and '.join(missing)} weights are not installed" if missing else ""
     out = []
     for kind, title in (("sre", "SRE-ResNet"), ("standard", "standard-conv ResNet twin")):
         spec = ExtractorSpec(None if trained else RANDOM_INIT, layer, device, batch_size, target_mpp, kind)
         source = build_extractor(spec).feature_identity.source
-        how = (f"random init seed={DEFAULT_MODEL_SEED} (untrained)" if source.startswith("random-init")
+        how = (f"random init seed={DEFAULT_MODEL_SEED} (untrained{why})" if source.startswith("random-init")
                else f"packaged trained weights ({source[:19]})")
         out.append(ModelUnderTest(kind, f"{title}, {how}", spec))
     return out

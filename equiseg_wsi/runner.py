@@ -4,65 +4,79 @@ A slide's outputs live in `OUT/<slide>/`; `OUT/<slide>/slide.json` is written la
 slide is complete (every other file is written atomically before it) for the options, model and input in its
 run key (`equiseg_wsi.run_key`): a resumed run skips it only when they are unchanged, and redoes it otherwise.
 The run-level `manifest.json` and `biomarkers.csv` are rebuilt from those records at the end of every run.
+
+`run_folder` is a whole run on one output folder: it holds the folder's lock (one run at a time,
+`equiseg_wsi.run_lock`), gives each slide its stable folder name (`equiseg_wsi.output_names`), removes what a
+killed run left (temporaries, scratch: `equiseg_wsi.scratch`), and stops early, recording what completed,
+on Ctrl-C or a stop signal (`equiseg_wsi.stop_signals`) and when the output folder takes no more writes
+(full disk, quota, read-only): the slides after that would only fail the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
-from equiseg_wsi import __version__
-from equiseg_wsi.biomarkers import compute_biomarkers, segment_measurements, write_csv
+from equiseg_wsi.biomarkers import write_csv
 from equiseg_wsi.cluster import ClusterModel
 from equiseg_wsi.errors import EquisegError, InputError, NoTissueError, one_line
 from equiseg_wsi.export.atomic import atomic_write_text, remove_stale_temporaries
-from equiseg_wsi.export.geojson import cluster_class_name, cluster_color, object_id, qupath_feature, write_geojson
-from equiseg_wsi.export.overlay import label_image, render_overlay, save_png
-from equiseg_wsi.export.tma_outputs import export_dearray
+from equiseg_wsi.export.geojson import write_geojson
+from equiseg_wsi.export.tma_outputs import export_dearray, with_missing_cores
 from equiseg_wsi.features import build_extractor
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob, RunOptions
-from equiseg_wsi.polygons import GridPlacement, label_map_to_polygons, tissue_outline
+from equiseg_wsi.output_names import stable_names
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.regions import Failures, SlideRegions, open_regions
-from equiseg_wsi.run_key import REDO_REASONS, changed_parts, run_key
-from equiseg_wsi.segment import Extractor, RegionSegmentation, segment_region
-from equiseg_wsi.slide import Slide
+from equiseg_wsi.region_outputs import REGION_RECORDS, region_identity, segment_regions
+from equiseg_wsi.regions import open_regions
+from equiseg_wsi.run_files import check_writable, write_run_outputs
+from equiseg_wsi.run_key import changed_parts, run_key
+from equiseg_wsi.run_lock import output_lock
+from equiseg_wsi.run_model import discard_feature_cache, fit_regions, prepare_run
+from equiseg_wsi.scratch import remove_stale_scratch, scratch_area
+from equiseg_wsi.segment import Extractor, FeatureCache
+from equiseg_wsi.slide_result import SlideResult
+from equiseg_wsi.stop_signals import signal_name, signal_number
 
 log = logging.getLogger(__name__)
 
 SLIDE_RECORD = "slide.json"
-OVERLAY_MAX_SIDE = 1600  # px; overlays of large regions are drawn at a coarser resolution
+# errors that say the output folder takes no more writes, whatever file was being written
+_STORAGE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n))
 
 
-@dataclass
-class SlideResult:
-    """What a run records about one slide (small: workers on other machines return this)."""
+class OutputWriteError(EquisegError):
+    """The output folder takes no more writes (full disk, quota, read-only): the run stops.
 
-    name: str
-    path: str
-    status: str  # "done", "failed", "skipped" (already complete)
-    error: str | None = None
-    regions: list[dict[str, Any]] = field(default_factory=list)  # biomarker rows
-    outputs: list[str] = field(default_factory=list)
-    failed_regions: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)  # one line each (too few cells, clusters that vanished)
-    seconds: dict[str, float] = field(default_factory=dict)
-    tissue_area_mm2: float = 0.0
-    run_key: dict[str, str] = field(default_factory=dict)  # digests of the options, model and input that made it
-    redone: list[str] = field(default_factory=list)  # parts of the run key that changed since the last complete run
+    `result` is the slide that was being written when it happened (failed, with this message as its error)."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __init__(self, message: str, result: SlideResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class RunStopped(EquisegError):
+    """A run stopped before every slide was tried: Ctrl-C or a stop signal (`signum`), or an `OutputWriteError`.
+
+    `results` has one entry per slide, in input order: those not finished have the status "stopped"."""
+
+    def __init__(self, message: str, results: list[SlideResult] | None = None, signum: int | None = None,
+                 reason: str = "") -> None:
+        super().__init__(message)
+        self.results = results if results is not None else []
+        self.signum = signum
+        self.reason = reason or message  # what the manifest's "stopped" says: a signal's name, or the write error
 
 
 def _slide_dir(out_dir: Path, source: SlideSource) -> Path:
@@ -79,9 +93,51 @@ def load_record(out_dir: Path, source: SlideSource) -> SlideResult | None:
         result = SlideResult(**data)
     except (OSError, ValueError, TypeError):
         return None
-    if result.path != str(source.path) or not all((out_dir / p).is_file() for p in result.outputs):
+    if not _same_file(result.path, source.path) or not all((out_dir / p).is_file() for p in result.outputs):
         return None
     return result
+
+
+def _same_file(recorded: str, path: Path) -> bool:
+    """Whether a record's input path names `path` (as given then or now: relative, absolute, via a link)."""
+    if recorded == str(path):
+        return True
+    try:
+        return Path(recorded).resolve() == path.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def storage_error(exc: OSError, out_dir: Path) -> bool:
+    """Whether `exc` says the output folder takes no more writes: a full disk, a quota, a read-only file
+    system, or any error on a file inside the output folder (permissions changed mid-run, I/O errors)."""
+    if exc.errno in _STORAGE_ERRNOS:
+        return True
+    for name in (exc.filename, exc.filename2):
+        if isinstance(name, (str, os.PathLike)):
+            try:
+                if Path(name).resolve().is_relative_to(out_dir.resolve()):
+                    return True
+            except (OSError, RuntimeError):
+                continue
+    return False
+
+
+def _storage_message(out_dir: Path, exc: OSError) -> str:
+    """One line naming the output folder and the cause (never the internal temporary file)."""
+    return f"{out_dir}: cannot write outputs ({exc.strerror or one_line(exc)})"
+
+
+def _storage_cause(exc: BaseException, out_dir: Path) -> OSError | None:
+    """The storage error behind `exc` (itself, or what it was raised from), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and storage_error(current, out_dir):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -105,7 +161,9 @@ def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: 
     """Segment every region of one slide and write its outputs; errors become a failed result, not a raise.
 
     A slide complete from an earlier run with the same run key is skipped (unless `overwrite`); one made with
-    other options, model or input is redone, its changed parts in `redone`."""
+    other options, model or input is redone, its changed parts in `redone`. Large intermediates go to the
+    output folder's scratch area. Raises `OutputWriteError` (the result attached) when the output folder takes
+    no more writes: every later slide would fail the same way."""
     options = job.options
     start = time.perf_counter()
     result = SlideResult(name=source.name, path=str(source.path), status="failed")
@@ -119,21 +177,34 @@ def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: 
                 previous.status, previous.redone = "skipped", []
                 return previous
         _forget_slide(out_dir, source)
-        _segment_slide(source, out_dir, extractor, options, load_cluster_model(job.kmeans_model), progress, result)
+        remove_stale_scratch(scratch_area(out_dir))  # a worker on another host cleans up after its own host
+        model = load_cluster_model(job.kmeans_model)
+        cache = FeatureCache(job.feature_cache) if job.feature_cache else None
+        if model is None and options.clustering == "slide":  # one model for the slide's regions, features kept
+            model, _ = fit_regions([source], job, cache=cache)
+        _segment_slide(source, out_dir, extractor, options, model, progress, result, cache)
         _remove_old_outputs(out_dir, previous, result)
         result.status = "done"
-    except EquisegError as exc:
-        result.error = one_line(exc)
-    except MemoryError:
-        result.error = f"{source.path}: out of memory"
-    except Exception as exc:  # one bad slide must not stop a batch; the manifest carries the cause
-        log.debug("unexpected failure on %s", source.path, exc_info=True)
-        result.error = f"{source.path}: {exc.__class__.__name__}: {one_line(exc)}"
-    result.seconds["total"] = round(time.perf_counter() - start, 3)
-    if result.status == "done":
+        result.seconds["total"] = round(time.perf_counter() - start, 3)
         record = _slide_dir(out_dir, source) / SLIDE_RECORD
-        atomic_write_text(record, json.dumps(result.as_dict(), indent=1) + "\n")  # keeps column order
-    return result
+        atomic_write_text(record, json.dumps(result.as_dict(), indent=1) + "\n")  # written last; keeps column order
+        shutil.rmtree(_slide_dir(out_dir, source) / REGION_RECORDS, ignore_errors=True)  # the record supersedes them
+        return result
+    except Exception as exc:  # one bad slide must not stop a batch; the manifest carries the cause
+        result.status = "failed"
+        result.seconds["total"] = round(time.perf_counter() - start, 3)
+        storage = _storage_cause(exc, out_dir)
+        if storage is not None:
+            result.error = _storage_message(out_dir, storage)
+            raise OutputWriteError(result.error, result) from exc
+        if isinstance(exc, EquisegError):
+            result.error = one_line(exc)
+        elif isinstance(exc, MemoryError):
+            result.error = f"{source.path}: out of memory"
+        else:
+            log.debug("unexpected failure on %s", source.path, exc_info=True)
+            result.error = f"{source.path}: {exc.__class__.__name__}: {one_line(exc)}"
+        return result
 
 
 def _forget_slide(out_dir: Path, source: SlideSource) -> None:
@@ -162,196 +233,30 @@ def _segment_slide(
     model: ClusterModel | None,
     progress: ProgressCallback,
     result: SlideResult,
+    cache: FeatureCache | None = None,
 ) -> None:
     t0 = time.perf_counter()
     with open_regions(source, options.regions) as (slide, found):
+        result.warnings.extend(slide.warnings)  # e.g. glass far from neutral (a colour-space problem)
         folder = _slide_dir(out_dir, source)
         outputs: list[Path] = []
         if found.grid is not None:
             outputs.extend(export_dearray(found.grid, slide, folder, case_ids=options.case_ids).values())
         result.seconds["tissue"] = round(time.perf_counter() - t0, 3)
         folder.mkdir(parents=True, exist_ok=True)
-        features = _segment_regions(slide, source, found, folder, extractor, options, model, progress, result)
+        features = segment_regions(slide, source, found, folder, extractor, options, model, progress, result,
+                                    scratch_area(out_dir), cache)
         outputs.extend(features.pictures)
+        if found.grid is not None:  # every missing grid position gets a row too, with present = False
+            result.regions = with_missing_cores(
+                found.grid, result.regions, lambda name: region_identity(source, found, name, options))
+    t1 = time.perf_counter()
     geojson = folder / f"{source.name}.geojson"
     write_geojson(geojson, features.annotations)
     table = write_csv(folder / "biomarkers.csv", result.regions)
     outputs.extend([geojson, table])
+    result.seconds["export"] = round(result.seconds.get("export", 0.0) + time.perf_counter() - t1, 3)
     result.outputs = sorted(str(p.relative_to(out_dir)) for p in outputs)
-
-
-@dataclass
-class _SlideOutputs:
-    annotations: list[dict[str, Any]] = field(default_factory=list)
-    pictures: list[Path] = field(default_factory=list)
-
-
-def _segment_regions(
-    slide: Slide, source: SlideSource, found: SlideRegions, folder: Path, extractor: Extractor,
-    options: RunOptions, model: ClusterModel | None, progress: ProgressCallback, result: SlideResult,
-) -> _SlideOutputs:
-    """Segment each region; a region that fails (e.g. too little tissue for K clusters) is recorded and the
-    slide's other regions go on. Raises when no region could be segmented."""
-    offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
-    k = model.k if model is not None else options.segment.n_clusters
-    out = _SlideOutputs()
-    failures = Failures()
-    t_features = 0.0
-    for area in found.areas:
-        t1 = time.perf_counter()
-        with failures.catch(source.name, area.name):
-            seg = segment_region(slide, area, extractor, options.segment, model=model, progress=progress)
-            t_features += time.perf_counter() - t1
-            result.warnings.extend(seg.warnings)
-            result.regions.append(compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um,
-                                                     _identity(source, found, area.name, options)))
-            result.tissue_area_mm2 += float((seg.labels > 0).sum()) * seg.cell_um**2 / 1e6
-            out.annotations.extend(_region_annotations(source, seg, k, offset, options.simplify_cells))
-            out.pictures.extend(_region_pictures(slide, folder, seg, k))
-    result.failed_regions = {f.region: f.error for f in failures}
-    if not result.regions:
-        reasons = "; ".join(f"{f.region}: {f.error}" for f in failures)
-        raise NoTissueError(f"{source.path}: no region could be segmented ({reasons})")
-    result.seconds["segment"] = round(t_features, 3)
-    return out
-
-
-def _identity(source: SlideSource, found: SlideRegions, region: str, options: RunOptions) -> dict[str, Any]:
-    """The biomarker row's identity columns."""
-    identity: dict[str, Any] = {"slide": source.slide, "region": region, "source_path": str(source.path),
-                                "case_id": source.case_id}
-    if found.grid is not None:  # 1-based like the cores CSV
-        core = found.grid.core(region)
-        identity.update(grid_row=core.row + 1, grid_column=core.col + 1,
-                        case_id=options.case_ids.get(region, source.case_id))
-    return identity
-
-
-def _region_annotations(
-    source: SlideSource, seg: RegionSegmentation, k: int, offset: tuple[int, int], simplify_cells: float
-) -> list[dict[str, Any]]:
-    """QuPath annotations: the region outline, then one classified MultiPolygon per cluster."""
-    placement = GridPlacement(seg.x0 - offset[0], seg.y0 - offset[1], seg.cell_level0)
-    polygons = label_map_to_polygons(seg.labels, placement, simplify_cells)
-    outline = tissue_outline(seg.labels, placement, simplify_cells, polygons=polygons)
-    measurements = segment_measurements(seg.labels, k, seg.cell_um)
-    tissue_um2 = float((seg.labels > 0).sum()) * seg.cell_um**2
-    meta = {"slide": source.slide, "region": seg.name, "source": source.path.name}
-    out = [qupath_feature(
-        outline, object_id=object_id(source.name, seg.name), name=seg.name,
-        measurements={"Tissue area µm^2": tissue_um2}, metadata=meta, locked=True,
-    )]
-    for cluster, geom in polygons.items():
-        m = measurements[cluster]
-        out.append(qupath_feature(
-            geom, object_id=object_id(source.name, seg.name, cluster), name=f"{seg.name} {cluster_class_name(cluster)}",
-            class_name=cluster_class_name(cluster), color=cluster_color(cluster - 1),
-            measurements={"Area µm^2": m["area_um2"], "Fraction of region": m["fraction_of_region"],
-                          "Components": m["n_components"]},
-            metadata={**meta, "cluster": str(cluster)},
-        ))
-    return out
-
-
-def label_map_placement(seg: RegionSegmentation) -> dict[str, str]:
-    """Where a label PNG lies on the slide (its tEXt chunks): label pixel (r, c) covers level-0 px
-    [x0 + c*cell, x0 + (c+1)*cell) x [y0 + r*cell, y0 + (r+1)*cell) of the slide as read (before any OpenSlide
-    bounds offset), and one pixel is cell_um µm wide."""
-    return {"equiseg:x0_level0": repr(float(seg.x0)), "equiseg:y0_level0": repr(float(seg.y0)),
-            "equiseg:cell_level0": repr(float(seg.cell_level0)), "equiseg:cell_um": repr(float(seg.cell_um))}
-
-
-def _region_pictures(slide: Slide, folder: Path, seg: RegionSegmentation, k: int) -> list[Path]:
-    """Overlay PNG (tissue + translucent segments + legend) and the label map as a palette PNG."""
-    colors = [cluster_color(i) for i in range(k)]
-    names = [cluster_class_name(i + 1) for i in range(k)]
-    h, w = seg.labels.shape
-    extent = max(h, w) * seg.cell_level0 * slide.mpp  # µm
-    mpp = max(extent / OVERLAY_MAX_SIDE, seg.cell_um / 8, slide.mpp)  # never finer than the scan
-    scale = mpp / slide.mpp
-    width = max(1, round(w * seg.cell_level0 / scale))
-    height = max(1, round(h * seg.cell_level0 / scale))
-    rgb = slide.read_region(seg.x0, seg.y0, width, height, mpp)
-    overlay = folder / f"{seg.name}_overlay.png"
-    save_png(overlay, render_overlay(rgb, seg.labels, colors, names, title=seg.name))
-    labels = folder / f"{seg.name}_labels.png"
-    save_png(labels, label_image(seg.labels, colors), text=label_map_placement(seg))
-    return [overlay, labels]
-
-
-def check_writable(out_dir: Path) -> None:
-    """Fail before any work when the output folder cannot be created or written."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / ".equiseg-write-test", "ok\n", fsync=False)
-        (out_dir / ".equiseg-write-test").unlink()
-    except OSError as exc:
-        raise InputError(f"{out_dir}: cannot write outputs here ({exc.strerror or exc})") from exc
-
-
-def write_run_outputs(
-    out_dir: Path, results: Sequence[SlideResult], job: RunJob, **model_extra: Any
-) -> tuple[Path, Path | None]:
-    """`OUT/manifest.json` (tool, options, model, per-slide status) and `OUT/biomarkers.csv` (all regions).
-
-    The manifest's `model` names the feature identity and the applied KMeans model, plus `model_extra`."""
-    options = job.options
-    model_info = {"extractor": build_extractor(job.spec).feature_identity.as_dict(), "kmeans_model": job.kmeans_model,
-                  **model_extra}
-    rows = [row for r in results for row in r.regions]
-    redone = [r for r in results if r.status == "done"]  # a failed retry is counted as failed
-    mismatch = _column_mismatch(out_dir, results)
-    table = write_csv(out_dir / "biomarkers.csv", rows) if rows and mismatch is None else None
-    if table is None:  # an earlier run's table would pass for this run's
-        (out_dir / "biomarkers.csv").unlink(missing_ok=True)
-    manifest = {
-        "tool": "equiseg",
-        "version": __version__,
-        "options": options.as_dict(),
-        "model": model_info,
-        "slides": [r.as_dict() for r in results],
-        "summary": {
-            "slides": len(results),
-            "done": sum(r.status in ("done", "skipped") for r in results),
-            "failed": sum(r.status == "failed" for r in results),
-            "regions": len(rows),
-        },
-        "resume": {  # slides complete from an earlier run, and those redone because what made them changed
-            "skipped": sum(r.status == "skipped" for r in results),
-            "redone": sum(bool(r.redone) for r in redone),
-            "redone_because": {REDO_REASONS[part]: sum(part in r.redone for r in redone) for part in REDO_REASONS},
-        },
-    }
-    path = out_dir / "manifest.json"
-    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True, default=_json_default) + "\n")
-    if mismatch is not None:
-        raise InputError(mismatch)
-    return path, table
-
-
-def _column_mismatch(out_dir: Path, results: Sequence[SlideResult]) -> str | None:
-    """Why the slides' tables cannot be merged into one (rows with other columns), naming the two files."""
-    first: tuple[str, list[str]] | None = None
-    for r in results:
-        for row in r.regions:
-            if first is None:
-                first = (r.name, list(row))
-            elif set(row) != set(first[1]):
-                extra = [c for c in row if c not in first[1]]
-                lacking = [c for c in first[1] if c not in row]
-                return (f"{out_dir / 'biomarkers.csv'}: not written: {out_dir / first[0] / 'biomarkers.csv'} and "
-                        f"{out_dir / r.name / 'biomarkers.csv'} have different columns (only in the second: "
-                        f"{', '.join(extra) or 'none'}; only in the first: {', '.join(lacking) or 'none'}); "
-                        "rerun these slides with the same options (--overwrite redoes them all)")
-    return None
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 class Executor(Protocol):
@@ -395,7 +300,128 @@ def run_slides(
     on_result: Callable[[int, SlideResult], None] | None = None,
     progress: ProgressCallback = no_progress,
 ) -> list[SlideResult]:
-    """Process every slide with `executor` (default: in this process) and return their results in input order."""
+    """Process every slide with `executor` (default: in this process) and return their results in input order.
+
+    Raises `RunStopped`, with a result for every slide, on Ctrl-C or a stop signal (a `KeyboardInterrupt`)
+    and when the output folder takes no more writes (`OutputWriteError`); the slide being processed then is
+    abandoned (its files are written atomically: none is left half-written) and redone by the next run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     runner = executor if executor is not None else InProcess()
-    return runner.map_slides(job, sources, out_dir, on_start=on_start, on_result=on_result, progress=progress)
+    finished: dict[int, SlideResult] = {}
+
+    def record(i: int, result: SlideResult) -> None:
+        finished[i] = result
+        if on_result is not None:
+            on_result(i, result)
+
+    try:
+        return runner.map_slides(job, sources, out_dir, on_start=on_start, on_result=record, progress=progress)
+    except OutputWriteError as exc:
+        if exc.result is not None:
+            index = next((i for i, s in enumerate(sources) if s.name == exc.result.name and i not in finished), None)
+            if index is not None:
+                finished[index] = exc.result
+        signum, reason = None, str(exc)
+        message, how = reason, f"stopped ({reason})"
+    except KeyboardInterrupt as exc:
+        signum = signal_number(exc)
+        reason = signal_name(signum)
+        message = how = f"stopped by {reason}"
+    results = [finished.get(i) or SlideResult(name=s.name, path=str(s.path), status="stopped",
+                                              error=f"{s.path}: not finished: the run was {how}")
+               for i, s in enumerate(sources)]
+    complete = sum(r.status in ("done", "skipped") for r in results)
+    raise RunStopped(f"{message}; {complete} of {len(sources)} slide(s) complete", results, signum, reason)
+
+
+@dataclass
+class RunReport:
+    """What `run_folder` did: every slide's result, the run files written, and why it stopped early, if it did."""
+
+    results: list[SlideResult]
+    manifest: Path | None  # None when it could not be written (see `error`)
+    table: Path | None
+    stopped: str | None = None  # a signal's name ("SIGTERM"), or the output folder's write error; None: ran to the end
+    signum: int | None = None  # the signal that stopped the run
+    error: str | None = None  # one line: the output folder took no more writes (the run stopped, or its files)
+
+
+def run_folder(
+    sources: Sequence[SlideSource],
+    out_dir: Path,
+    job: RunJob,
+    *,
+    executor: Executor | None = None,
+    on_start: Callable[[int, SlideSource], None] | None = None,
+    on_result: Callable[[int, SlideResult], None] | None = None,
+    progress: ProgressCallback = no_progress,
+    **model_extra: Any,
+) -> RunReport:
+    """A whole run on one output folder: lock it, name the slides, process them, write the manifest and table.
+
+    Holds the folder's lock throughout (`OutputBusyError` at once when another run holds it), removes what a
+    killed run left there, and gives each input its stable folder name. It does not raise when the run stops
+    early: on Ctrl-C or a stop signal (install `stop_on_signals` for SIGTERM/SIGHUP), and when the output folder
+    takes no more writes, it records what completed and returns a report whose `stopped` says why; the caller
+    chooses the exit status. `error` is set when the output folder took no more writes, even for the manifest.
+    """
+    with output_lock(out_dir):
+        check_writable(out_dir)
+        remove_stale_temporaries(out_dir)  # a killed run's half-written manifest or table; no other run is active
+        remove_stale_scratch(scratch_area(out_dir))
+        try:
+            named = stable_names(sources, out_dir)
+        except OSError as exc:
+            if not storage_error(exc, out_dir):
+                raise
+            raise OutputWriteError(_storage_message(out_dir, exc)) from exc
+        report = RunReport(results=[], manifest=None, table=None)
+        try:
+            job, fit_seconds = _clustering_job(named, job, out_dir, progress)
+            if fit_seconds:  # the run-wide fit computed every region's features before the slides: its time
+                model_extra = {**model_extra, "run_kmeans_fit_seconds": fit_seconds}
+            report.results = run_slides(named, out_dir, job, executor=executor, on_start=on_start,
+                                        on_result=on_result, progress=progress)
+        except RunStopped as exc:
+            report.results, report.stopped, report.signum = exc.results, exc.reason, exc.signum
+            if exc.signum is None:
+                report.error = str(exc)
+        report.manifest, report.table, error = _write_run_files(out_dir, report.results, job, report.stopped,
+                                                                model_extra)
+        report.error = report.error or error
+        discard_feature_cache(out_dir)
+        return report
+
+
+def _clustering_job(sources: Sequence[SlideSource], job: RunJob, out_dir: Path, progress: ProgressCallback
+                    ) -> tuple[RunJob, dict[str, float]]:
+    """The job for the run's clustering mode (`run_model.prepare_run`) and the fit's seconds per stage; when no
+    region of any input has tissue to fit on, each slide is left to fail with its own reason."""
+    try:
+        prepared, _, seconds = prepare_run(sources, job, out_dir, progress=progress)
+        return prepared, seconds
+    except (InputError, NoTissueError):
+        return replace(job, options=replace(job.options, clustering="region")), {}
+
+
+def _write_run_files(
+    out_dir: Path, results: list[SlideResult], job: RunJob, stopped: str | None, model_extra: dict[str, Any]
+) -> tuple[Path | None, Path | None, str | None]:
+    """`write_run_outputs`, and when the output folder takes no more writes: the earlier run's manifest and table
+    go (they would pass for this run's; removing them frees their space), one more try, then a one-line error."""
+    failure: OSError | None = None
+    for _attempt in range(2):
+        try:
+            manifest, table = write_run_outputs(out_dir, results, job, stopped=stopped, **model_extra)
+            return manifest, table, None
+        except OSError as exc:
+            if not storage_error(exc, out_dir):
+                raise
+            failure = exc
+            for name in ("manifest.json", "biomarkers.csv"):
+                with contextlib.suppress(OSError):
+                    (out_dir / name).unlink(missing_ok=True)
+    assert failure is not None
+    complete = sum(r.status in ("done", "skipped") for r in results)
+    return None, None, (f"{_storage_message(out_dir, failure)}: manifest.json and biomarkers.csv not written; "
+                        f"the {complete} complete slide(s) are recorded in their own folders (slide.json)")

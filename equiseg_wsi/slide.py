@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tiffslide", "openslide", "image")
 PLAIN_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+# DICOM whole-slide images (read by OpenSlide >= 4): one slide is a series of files, one per level or tile set.
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+# Glass of a bright-field scan is grey to white: its strongest and weakest channel differ by a few grey levels
+# (10-20 with a scanner tint). More than this, and the pixels were most likely decoded in the wrong colour space.
+GLASS_MAX_CHROMA = 40
 # A resolution outside this range is a placeholder (e.g. 72 dpi written by image editors), not a scan.
 PLAUSIBLE_MPP = (0.01, 50.0)
 # Largest level-space window read in one piece; larger reads are split so memory stays bounded.
@@ -63,10 +68,129 @@ class SlideInfo:
         }
 
 
+def _whole_block_mean(raw: np.ndarray, box: tuple[float, float, float, float], factor: float, width: int,
+                      height: int) -> np.ndarray | None:
+    """Downscaling by a whole factor on whole pixels: the exact mean of each n x n block (rounded half up), or
+    None when the read is not that case. Why: PIL's two separable passes round in between, so a turned image
+    resized by PIL differs from the resized image turned by one grey level here and there, enough to move a
+    tissue-mask pixel; a block mean is the same in every orientation."""
+    n = round(factor)
+    if n < 2 or abs(factor - n) > 1e-9 or any(abs(b - round(b)) > 1e-9 for b in box):
+        return None
+    bx, by = int(round(box[0])), int(round(box[1]))
+    block = raw[by : by + height * n, bx : bx + width * n]
+    if block.shape[:2] != (height * n, width * n):
+        return None
+    sums = block.reshape(height, n, width, n, block.shape[2]).sum(axis=(1, 3), dtype=np.uint32)
+    mean: np.ndarray = ((sums + (n * n) // 2) // (n * n)).astype(np.uint8)
+    return mean
+
+
 def _auto_order(path: Path) -> list[str]:
     if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
         return ["image"]
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return ["openslide"]
     return ["tiffslide", "openslide", "image"]
+
+
+# -- DICOM series --------------------------------------------------------------------------------------------
+
+
+def is_dicom(path: str | os.PathLike[str]) -> bool:
+    """A DICOM file by its suffix (.dcm, .dicom)."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES
+
+
+def find_dicom_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """DICOM files directly in `folder` (not recursive, hidden files skipped), sorted by name."""
+    root = Path(folder)
+    found = [p for p in root.iterdir() if is_dicom(p) and not p.name.startswith(".") and p.is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def slide_key(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """What identifies the slide a file belongs to: every file of one DICOM WSI series (same folder, same
+    SeriesInstanceUID, as OpenSlide groups them) gives the same key; any other file is its own slide."""
+    p = Path(path)
+    resolved = p.resolve()
+    if is_dicom(p):
+        uid = dicom_series_uid(resolved)
+        if uid is not None:
+            return (str(resolved.parent), f"dicom-series:{uid}")
+    return (str(resolved), "")
+
+
+def slide_stem(path: str | os.PathLike[str]) -> str:
+    """A slide's name from its path: the file name up to its first dot, or, for a DICOM WSI (a series of
+    files), the name of its folder."""
+    p = Path(path)
+    if is_dicom(p):
+        return p.resolve().parent.name or p.name.split(".")[0]
+    return p.name.split(".")[0]
+
+
+def dicom_series_uid(path: str | os.PathLike[str]) -> str | None:
+    """The SeriesInstanceUID of a DICOM whole-slide file as OpenSlide reads it; None when OpenSlide cannot open
+    it (not a slide, damaged)."""
+    try:
+        import openslide
+
+        with openslide.OpenSlide(str(path)) as slide:
+            uid = slide.properties.get("dicom.SeriesInstanceUID")
+    except Exception:  # openslide raises its own types; the file is then simply not part of a series
+        return None
+    return str(uid) if uid else None
+
+
+def _dicom_in_folder(folder: Path) -> Path:
+    """The file to open for a folder that holds one DICOM WSI series (OpenSlide finds the others itself)."""
+    files = find_dicom_files(folder)
+    if not files:
+        raise SlideError(f"{folder}: is a folder, not a slide file")
+    series = {slide_key(f) for f in files}
+    if len(series) > 1:
+        raise SlideError(f"{folder}: holds {len(series)} DICOM series; name one file of the slide you mean")
+    return files[0]
+
+
+# -- glass colour --------------------------------------------------------------------------------------------
+
+
+def glass_colour(rgb: np.ndarray) -> tuple[int, int, int] | None:
+    """The colour of the empty glass in an RGB image: the median of its brightest tenth of pixels, when those
+    are flat like glass (each channel's median absolute deviation at most 8 grey levels); None when the image
+    shows no glass (tissue to the edges) or has too few pixels to tell."""
+    pixels = np.asarray(rgb, dtype=np.int32).reshape(-1, 3)
+    if len(pixels) < 100:
+        return None
+    brightness = pixels.sum(axis=1)
+    top = pixels[brightness >= np.percentile(brightness, 90)]
+    median = np.median(top, axis=0)
+    if np.median(np.abs(top - median), axis=0).max() > 8:
+        return None
+    r, g, b = (int(round(v)) for v in median)
+    return r, g, b
+
+
+def _ycbcr_to_rgb(colour: tuple[int, int, int]) -> tuple[float, float, float]:
+    y, cb, cr = colour[0], colour[1] - 128.0, colour[2] - 128.0
+    return y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb
+
+
+def glass_colour_warning(rgb: np.ndarray, where: str | os.PathLike[str]) -> str | None:
+    """A one-line warning when the glass of `rgb` is far from neutral grey/white, naming the likely cause; None
+    when it is neutral or the image shows no glass."""
+    colour = glass_colour(rgb)
+    if colour is None or max(colour) - min(colour) <= GLASS_MAX_CHROMA:
+        return None
+    converted = _ycbcr_to_rgb(colour)
+    text = (f"{where}: the glass reads as RGB {colour}, far from neutral grey/white, so colours and colour "
+            "biomarkers are likely wrong; likely cause: ")
+    if max(converted) - min(converted) <= 15 and min(converted) >= 150:
+        return text + ("YCbCr pixel data labelled RGB (the colour space of its JPEG frames, as in some DICOM "
+                       "exports); convert the slide to RGB before segmenting it")
+    return text + "the colour space (YCbCr vs RGB, an ICC profile not applied) or the scanner's white balance"
 
 
 def _short(exc: BaseException) -> str:
@@ -87,8 +211,8 @@ class Slide:
             raise SlideError(f"{self.path}: unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if not self.path.exists():
             raise SlideError(f"{self.path}: no such file")
-        if self.path.is_dir():
-            raise SlideError(f"{self.path}: is a folder, not a slide file")
+        if self.path.is_dir():  # a DICOM WSI folder is one slide; any other folder is refused
+            self.path = _dicom_in_folder(self.path)
         if self.path.stat().st_size == 0:
             raise SlideError(f"{self.path}: empty file (0 bytes)")
         order = _auto_order(self.path) if backend == "auto" else [backend]
@@ -124,10 +248,13 @@ class Slide:
         slide = cls.__new__(cls)
         slide.path = Path(name)
         slide._attach(ArrayReader(rgb, mpp), None)
+        slide._glass_checked = True  # a copy of pixels already read (and checked) from their slide
         return slide
 
     def _attach(self, reader: Reader, mpp: float | None) -> None:
         self._reader = reader
+        self.warnings: list[str] = []  # one line each, e.g. a glass colour far from neutral
+        self._glass_checked = False
         self.backend = reader.name
         self.levels = reader.levels
         self.vendor = reader.vendor
@@ -242,6 +369,9 @@ class Slide:
         if exact:
             bx, by = int(round(box[0])), int(round(box[1]))
             return np.ascontiguousarray(raw[by : by + height, bx : bx + width])
+        block_mean = _whole_block_mean(raw, box, scale / d, width, height)
+        if block_mean is not None:
+            return block_mean
         resample = Image.Resampling.BOX if scale / d >= 1 else Image.Resampling.BICUBIC
         img = Image.fromarray(raw).resize((width, height), resample, box=box)
         return np.asarray(img)
@@ -251,7 +381,32 @@ class Slide:
         scale = mpp / self.mpp
         width = max(1, int(round(self.width / scale)))
         height = max(1, int(round(self.height / scale)))
-        return self.read_region(0.0, 0.0, width, height, mpp)
+        rgb = self.read_region(0.0, 0.0, width, height, mpp)
+        self._check_glass(rgb)
+        return rgb
+
+    def check_glass(self) -> list[str]:
+        """Read a thumbnail (unless the whole image was read already) and return `warnings`, which then say
+        whether the glass looks far from neutral grey/white (a colour-space problem; see `glass_colour_warning`)."""
+        if not self._glass_checked:
+            level = next((i for i in range(len(self.levels) - 1, -1, -1)
+                          if max(self.levels[i].width, self.levels[i].height) >= 256), 0)
+            lv = self.levels[level]
+            if lv.width * lv.height <= MAX_READ_SIDE * MAX_READ_SIDE:
+                self._check_glass(self.read_level(level, 0, 0, lv.width, lv.height))
+        return list(self.warnings)
+
+    def _check_glass(self, rgb: np.ndarray) -> None:
+        """Once per slide, on the first whole-image read: a line in `warnings` when the glass is not neutral."""
+        if self._glass_checked:
+            return
+        self._glass_checked = True
+        if self.backend not in ("tiffslide", "openslide"):  # Pillow decodes plain images in their own colour
+            return  # space; their backgrounds are often camera-tinted or tissue, not glass
+        message = glass_colour_warning(rgb, self.path)
+        if message is not None:
+            self.warnings.append(message)  # callers report it (a run: once per slide, in the manifest and on stderr)
+            log.info("%s", message)
 
     def close(self) -> None:
         self._reader.close()

@@ -20,41 +20,56 @@ The steps, each robust to one way real TMAs go wrong:
    fit no row or column (off-grid blobs) are dropped. Any rotation below 45° is resolved (tested to ±42°);
    at 45° rows and columns are indistinguishable.
 5. **Assignment**: every candidate of at least a fifth of a core's area goes to the nearest grid node within
-   half a spacing (the grid grows by a row/column if a sizeable candidate lies one spacing beyond it); a node
-   without a candidate is a *missing* core whose centre is the fitted node.
+   half a spacing (the grid grows by a row/column if a sizeable candidate lies one spacing beyond it); pieces
+   in no candidate (sparse patches, crumbs) go to the nearest node if its expected circle holds their centroid.
+6. **Presence**: a position is present when its tissue inside the *expected circle* (the punch at the fitted
+   node, radius widened by 15% for placement error) covers at least 15% of a punch's area; debris near an
+   empty position does not, a sparse core does. A missing core's centre is the fitted node.
+7. **Centre**: a whole core's centre is its tissue centroid; a partly filled one (half-moon, cut, sparse: its
+   centroid lies off the punch) is centred on its punch circle, fitted to the rim of its tissue and held to the
+   grid node (`equiseg_wsi.tma_centre`); its box is the punch circle's.
 
-Coordinates returned are level-0 px of the slide (x right, y down); `rotation_deg` is the angle of the rows to
-the image x axis, positive when rows descend to the right (clockwise on screen).
+Steps 1-3 are in `equiseg_wsi.tma_candidates`, step 4 in `equiseg_wsi.tma_grid`, the punch fit of step 7 in
+`equiseg_wsi.tma_centre`. Coordinates returned are level-0 px of the slide (x right, y down); `rotation_deg` is
+the angle of the rows to the image x axis, positive when rows descend to the right (clockwise on screen).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from equiseg_wsi.errors import InputError, NoTissueError
 from equiseg_wsi.export.qptma import QptmaCore, expand_labels, qupath_core_name
 from equiseg_wsi.tma_candidates import MIN_PIECE, Candidate, Pieces, analyse
+from equiseg_wsi.tma_centre import fit_punch
+from equiseg_wsi.tma_grid import Fit, extend, fit_grid, place, rotate, unrotate
 
 if TYPE_CHECKING:
     from equiseg_wsi.slide import Slide
     from equiseg_wsi.tissue import TissueMap
 
-__all__ = ["TmaCore", "TmaGrid", "dearray", "dearray_slide", "is_tma"]
+__all__ = ["NotTmaError", "TmaCore", "TmaGrid", "dearray", "dearray_slide", "is_tma", "tma_problem"]
+
+log = logging.getLogger(__name__)
 
 # Candidates that may extend the grid beyond the well-formed cores must be at least this big.
 MIN_EXTENDING = 0.35
-# Gap clustering: a gap above this share of the spacing separates rows (columns).
-SPLIT_GAP = 0.45
-# Two row (column) clusters closer than this share of the spacing cannot both be rows: the smaller is dropped.
-MIN_ROW_GAP = 0.7
-# A well-formed candidate further than this share of the spacing from its row/column line is off-grid.
-MAX_OFFSET = 0.3
+# The expected circle of a position: the punch at the fitted node, its radius widened by this factor for the
+# arrayer's placement error (real punches sit within a few % of the node; the test slides jitter up to 15%).
+EXPECTED_RADIUS = 1.15
+# A position is present when its tissue in the expected circle covers at least this share of a punch's area
+# (debris is at most a few %, a sparse core 30% and more).
+PRESENT_MIN = 0.15
+
+
+class NotTmaError(InputError):
+    """A slide given to be dearrayed does not look like a TMA (see `tma_problem`)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +77,10 @@ class TmaCore:
     """One grid position. Boxes and centres in level-0 px; `row`/`col` 0-based; `fragments` = tissue pieces.
 
     For a missing core, `bbox_level0` is the expected box (a circle of the grid's diameter at the fitted node),
-    which QuPath's ``.qptma`` reader requires for every position.
+    which QuPath's ``.qptma`` reader requires for every position. `partial`: the tissue fills only part of the
+    punch (half-moon, cut, sparse); its centre and box are then the punch circle's (which also contains all of
+    its tissue) and `diameter_um` is the punch's; for a whole core they are its tissue's centroid, box and
+    equivalent diameter.
     """
 
     name: str
@@ -76,6 +94,7 @@ class TmaCore:
     #: The core's tissue in the tissue mask: `mask_crop` covers mask pixels (col, row, width, height) `bbox_mask`.
     mask_crop: np.ndarray | None = field(default=None, compare=False, repr=False)
     bbox_mask: tuple[int, int, int, int] = (0, 0, 0, 0)
+    partial: bool = False
 
 
 @dataclass
@@ -129,178 +148,6 @@ class TmaGrid:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Grid fitting
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _rotate(xy: np.ndarray, theta: float) -> np.ndarray:
-    """Image (x, y) -> grid frame (u along rows, v along columns) for a grid rotated by theta."""
-    c, s = math.cos(theta), math.sin(theta)
-    return np.stack([xy[:, 0] * c + xy[:, 1] * s, -xy[:, 0] * s + xy[:, 1] * c], axis=1)
-
-
-def _unrotate(uv: np.ndarray, theta: float) -> np.ndarray:
-    c, s = math.cos(theta), math.sin(theta)
-    return np.stack([uv[:, 0] * c - uv[:, 1] * s, uv[:, 0] * s + uv[:, 1] * c], axis=1)
-
-
-def _fundamental(values: np.ndarray, floor: float) -> float:
-    """The spacing behind distances that are multiples of it (missing neighbours give 2x, 3x...)."""
-    v = np.sort(values[values >= floor])
-    if v.size == 0:
-        return math.nan
-    base = float(np.percentile(v, 10))
-    return float(np.median(v[v < 1.5 * base]))
-
-
-def _initial_geometry(xy: np.ndarray, diameter: float) -> tuple[float, float, float]:
-    """(theta, spacing_u, spacing_v) from nearest-neighbour vectors."""
-    n = len(xy)
-    if n < 2:
-        return 0.0, 1.5 * diameter, 1.5 * diameter
-    k = min(n, 9)
-    found = cKDTree(xy).query(xy, k=k)
-    dist, idx = np.asarray(found[0]), np.asarray(found[1])
-    vec = xy[idx[:, 1:]] - xy[:, None, :]
-    d = dist[:, 1:]
-    nn_med = float(np.median(d[:, 0]))
-    sel = (d <= 1.35 * nn_med) & (d >= 0.7 * diameter)
-    if sel.any():
-        ang = np.arctan2(vec[..., 1][sel], vec[..., 0][sel])
-        z = np.exp(4j * ang).sum()
-        theta = float(np.angle(z) / 4)
-    else:
-        theta = 0.0
-    uv = _rotate(vec.reshape(-1, 2), theta)
-    du, dv = np.abs(uv[:, 0]), np.abs(uv[:, 1])
-    tan15 = math.tan(math.radians(15))
-    su = _fundamental(du[dv < tan15 * du], 0.7 * diameter)
-    sv = _fundamental(dv[du < tan15 * dv], 0.7 * diameter)
-    if math.isnan(su) and math.isnan(sv):
-        su = sv = max(nn_med, diameter)
-    su = sv if math.isnan(su) else su
-    sv = su if math.isnan(sv) else sv
-    return theta, su, sv
-
-
-@dataclass
-class _Axis:
-    index: np.ndarray  # per point, -1 = outlier
-    pos: np.ndarray  # coordinate of each row/column along the axis
-    spacing: float
-
-
-def _cluster_axis(values: np.ndarray, spacing: float, valid: np.ndarray) -> _Axis:
-    """Rows (or columns) by 1-D gap clustering; a gap of k spacings leaves k - 1 empty rows between."""
-    index = np.full(len(values), -1, dtype=np.int64)
-    order = np.flatnonzero(valid)[np.argsort(values[valid], kind="stable")]
-    if order.size == 0:
-        return _Axis(index, np.zeros(0), spacing)
-    cuts = np.flatnonzero(np.diff(values[order]) > SPLIT_GAP * spacing) + 1
-    clusters = [list(c) for c in np.split(order, cuts)]
-    # Clusters too close to be two rows: the smaller is off-grid.
-    changed = True
-    while changed and len(clusters) > 1:
-        changed = False
-        centres = [float(values[c].mean()) for c in clusters]
-        for i in range(len(clusters) - 1):
-            if centres[i + 1] - centres[i] < MIN_ROW_GAP * spacing:
-                drop = i if len(clusters[i]) < len(clusters[i + 1]) else i + 1
-                del clusters[drop]
-                changed = True
-                break
-    means = np.array([float(values[c].mean()) for c in clusters])
-    steps = np.maximum(1, np.round(np.diff(means) / spacing)).astype(np.int64)
-    ks = np.concatenate([[0], np.cumsum(steps)])
-    for k, c in zip(ks, clusters, strict=True):
-        index[c] = k
-    pos = np.interp(np.arange(ks[-1] + 1), ks, means)
-    return _Axis(index, pos, spacing)
-
-
-def _pooled_slope(a: np.ndarray, b: np.ndarray, group: np.ndarray) -> tuple[float, float]:
-    """Common slope of b against a within groups, and its weight (sum of squares of a)."""
-    num = den = 0.0
-    for g in np.unique(group[group >= 0]):
-        m = group == g
-        if m.sum() < 2:
-            continue
-        da, db = a[m] - a[m].mean(), b[m] - b[m].mean()
-        num += float((da * db).sum())
-        den += float((da * da).sum())
-    return (num / den if den > 0 else 0.0), den
-
-
-@dataclass
-class _Fit:
-    theta: float
-    rows: _Axis
-    cols: _Axis
-    valid: np.ndarray
-
-
-def _fit_grid(xy: np.ndarray, diameter: float) -> _Fit:
-    theta, su, sv = _initial_geometry(xy, diameter)
-    valid = np.ones(len(xy), bool)
-    for _ in range(4):
-        uv = _rotate(xy, theta)
-        cols = _cluster_axis(uv[:, 0], su, valid)
-        rows = _cluster_axis(uv[:, 1], sv, valid)
-        ok = valid & (cols.index >= 0) & (rows.index >= 0)
-        # Off-grid: too far from the line of its row or column.
-        off = np.zeros(len(xy), bool)
-        off[ok] = (np.abs(uv[ok, 0] - cols.pos[cols.index[ok]]) > MAX_OFFSET * su) | (
-            np.abs(uv[ok, 1] - rows.pos[rows.index[ok]]) > MAX_OFFSET * sv
-        )
-        valid = ok & ~off
-        # Residual rotation from the slopes of rows (v against u) and of columns (u against v).
-        slope_r, w_r = _pooled_slope(uv[valid, 0], uv[valid, 1], rows.index[valid])
-        slope_c, w_c = _pooled_slope(uv[valid, 1], uv[valid, 0], cols.index[valid])
-        if w_r + w_c > 0:
-            theta += (w_r * math.atan(slope_r) - w_c * math.atan(slope_c)) / (w_r + w_c)
-        # Spacing refined from the fitted rows/columns (mean step between occupied neighbours).
-        su = _refined_spacing(cols, su)
-        sv = _refined_spacing(rows, sv)
-    uv = _rotate(xy, theta)
-    cols = _cluster_axis(uv[:, 0], su, valid)
-    rows = _cluster_axis(uv[:, 1], sv, valid)
-    return _Fit(theta, rows, cols, valid & (cols.index >= 0) & (rows.index >= 0))
-
-
-def _refined_spacing(axis: _Axis, spacing: float) -> float:
-    if axis.pos.size < 2:
-        return spacing
-    return float((axis.pos[-1] - axis.pos[0]) / (axis.pos.size - 1))
-
-
-def _place(value: float, axis: _Axis, allow_extend: bool) -> int | None:
-    """Index of the row (column) that `value` belongs to; beyond the ends a new index if allowed."""
-    pos, s = axis.pos, axis.spacing
-    if pos.size == 0:
-        return None
-    i = int(np.argmin(np.abs(pos - value)))
-    if abs(pos[i] - value) <= 0.5 * s:
-        return i
-    if not allow_extend or pos[0] <= value <= pos[-1]:
-        return None
-    ref, base = (pos[0], 0) if value < pos[0] else (pos[-1], pos.size - 1)
-    k = round((value - ref) / s)
-    if k == 0 or abs(value - ref - k * s) > MAX_OFFSET * s:
-        return None
-    return int(base + k)
-
-
-def _extend(axis: _Axis, k: int) -> None:
-    """Grow the axis so index k exists (k < 0 prepends rows)."""
-    s = axis.spacing
-    if k < 0:
-        axis.pos = np.concatenate([axis.pos[0] + s * np.arange(k, 0), axis.pos])
-        axis.index[axis.index >= 0] -= k
-    elif k >= axis.pos.size:
-        axis.pos = np.concatenate([axis.pos, axis.pos[-1] + s * np.arange(1, k - axis.pos.size + 2)])
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------
 
@@ -327,7 +174,7 @@ def dearray(
     if core_diameter_um is None:  # the punch diameter: box sides of well-formed cores (area misses tears)
         sides = [(c.box[2] - c.box[0] + c.box[3] - c.box[1]) / 2 for c in good if c.good]
         diameter = float(np.median(sides)) if sides else diameter
-    fit = _fit_grid(xy, diameter)
+    fit = fit_grid(xy, diameter)
     if not fit.valid.any():
         raise NoTissueError("no TMA grid found: the core candidates do not line up in rows and columns")
 
@@ -336,13 +183,19 @@ def dearray(
     rl = _labels(row_labels, n_rows, "letters", "row")
     cl = _labels(col_labels, n_cols, "numbers", "column")
     s0, mpp = tissue.px_level0, tissue.mpp
+    radius = diameter / 2
+    spacing = min(fit.cols.spacing, fit.rows.spacing) if n_rows > 1 and n_cols > 1 else max(
+        fit.cols.spacing, fit.rows.spacing)
+    expected = EXPECTED_RADIUS * radius
+    pieces = _node_pieces(p, assigned, fit, expected)
     cores: list[TmaCore] = []
     for r in range(n_rows):
         for c in range(n_cols):
             name = qupath_core_name(r, c, rl, cl, row_first=row_first)
-            group = assigned.get((r, c))
-            if group:
-                cores.append(_present_core(name, r, c, group, p, s0, mpp))
+            idx = pieces.get((r, c), [])
+            node = _node(fit, r, c)
+            if idx and _inside(p, idx, node, expected) >= PRESENT_MIN * math.pi * radius**2:
+                cores.append(_present_core(name, r, c, idx, p, s0, mpp, node, radius, spacing))
             else:
                 cores.append(_missing_core(name, r, c, fit, diameter, s0, mpp))
     su, sv = fit.cols.spacing * mpp, fit.rows.spacing * mpp
@@ -353,23 +206,23 @@ def dearray(
     )
 
 
-def _assign(cands: list[Candidate], fit: _Fit, core_area: float) -> dict[tuple[int, int], list[Candidate]]:
+def _assign(cands: list[Candidate], fit: Fit, core_area: float) -> dict[tuple[int, int], list[Candidate]]:
     """Candidates (well-formed or not) by grid node (row, col), largest first; sizeable ones may grow `fit`."""
     assigned: dict[tuple[int, int], list[Candidate]] = {}
     for cand in sorted(cands, key=lambda c: -c.area):
-        u, v = _rotate(np.array([[cand.cx, cand.cy]]), fit.theta)[0]
-        extend = cand.area >= MIN_EXTENDING * core_area
-        col = _place(u, fit.cols, extend)
-        row = _place(v, fit.rows, extend)
+        u, v = rotate(np.array([[cand.cx, cand.cy]]), fit.theta)[0]
+        may_extend = cand.area >= MIN_EXTENDING * core_area
+        col = place(u, fit.cols, may_extend)
+        row = place(v, fit.rows, may_extend)
         if col is None or row is None:
             continue
         if col < 0 or col >= fit.cols.pos.size:
-            _extend(fit.cols, col)
+            extend(fit.cols, col)
             if col < 0:
                 assigned = {(r, cc - col): v_ for (r, cc), v_ in assigned.items()}
                 col = 0
         if row < 0 or row >= fit.rows.pos.size:
-            _extend(fit.rows, row)
+            extend(fit.rows, row)
             if row < 0:
                 assigned = {(r - row, cc): v_ for (r, cc), v_ in assigned.items()}
                 row = 0
@@ -377,29 +230,75 @@ def _assign(cands: list[Candidate], fit: _Fit, core_area: float) -> dict[tuple[i
     return assigned
 
 
+def _node(fit: Fit, r: int, c: int) -> tuple[float, float]:
+    """The fitted grid position (row r, column c) in mask px (x, y)."""
+    x, y = unrotate(np.array([[fit.cols.pos[c], fit.rows.pos[r]]]), fit.theta)[0]
+    return float(x), float(y)
+
+
+def _node_pieces(
+    p: Pieces, assigned: dict[tuple[int, int], list[Candidate]], fit: Fit, radius: float,
+) -> dict[tuple[int, int], list[int]]:
+    """Piece indices per grid node: its candidates' pieces, plus pieces in no candidate whose centroid lies
+    within `radius` of the node (patches of a sparse core, crumbs of a core too small to be fragments)."""
+    out = {key: sorted(i for g in group for i in g.pieces) for key, group in assigned.items()}
+    taken = {i for idx in out.values() for i in idx}
+    free = np.array([i for i in range(p.area.size) if i not in taken and p.area[i] > 0], dtype=np.int64)
+    if free.size == 0 or fit.cols.pos.size == 0 or fit.rows.pos.size == 0:
+        return out
+    uv = rotate(np.stack([p.cx[free], p.cy[free]], axis=1), fit.theta)
+    col = np.abs(uv[:, :1] - fit.cols.pos[None, :]).argmin(axis=1)
+    row = np.abs(uv[:, 1:] - fit.rows.pos[None, :]).argmin(axis=1)
+    dist = np.hypot(uv[:, 0] - fit.cols.pos[col], uv[:, 1] - fit.rows.pos[row])
+    for i, r, c, d in zip(free, row, col, dist, strict=True):
+        if d <= radius:
+            out.setdefault((int(r), int(c)), []).append(int(i))
+    return {key: sorted(v) for key, v in out.items()}
+
+
+def _inside(p: Pieces, idx: list[int], node: tuple[float, float], radius: float) -> float:
+    """Pixels of pieces `idx` whose centre lies within `radius` of `node` (x, y), all in mask px."""
+    h, w = p.labels.shape
+    x, y = node
+    r0, r1 = max(0, int(math.floor(y - radius))), min(h, int(math.ceil(y + radius)) + 1)
+    c0, c1 = max(0, int(math.floor(x - radius))), min(w, int(math.ceil(x + radius)) + 1)
+    if r1 <= r0 or c1 <= c0:
+        return 0.0
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    near = np.hypot(xx + 0.5 - x, yy + 0.5 - y) <= radius
+    return float((near & np.isin(p.labels[r0:r1, c0:c1], np.asarray(idx) + 1)).sum())
+
+
 def _present_core(
-    name: str, r: int, c: int, group: list[Candidate], p: Pieces, s0: float, mpp: float,
+    name: str, r: int, c: int, idx: list[int], p: Pieces, s0: float, mpp: float, node: tuple[float, float],
+    radius: float, spacing: float,
 ) -> TmaCore:
-    """The core made of the pieces of `group` (`s0`: level-0 px per mask px, `mpp`: µm per mask px)."""
-    idx = sorted(i for g in group for i in g.pieces)
+    """The core made of pieces `idx` (`s0`: level-0 px per mask px, `mpp`: µm per mask px; `node`, `radius`,
+    `spacing`: the fitted grid position, punch radius and spacing in mask px)."""
     area = float(p.area[idx].sum())
     cy = float((p.cy[idx] * p.area[idx]).sum() / area)
     cx = float((p.cx[idx] * p.area[idx]).sum() / area)
     r0, c0 = (int(v) for v in p.box[idx, :2].min(axis=0))
     r1, c1 = (int(v) for v in p.box[idx, 2:].max(axis=0))
     crop = np.isin(p.labels[r0:r1, c0:c1], np.asarray(idx) + 1)
+    box = (float(c0), float(r0), float(c1), float(r1))
+    diameter_um = 2 * math.sqrt(area / math.pi) * mpp
+    punch = fit_punch(crop, (r0, c0), (cx, cy), node, radius, spacing)
+    if punch.partial:  # centre and box of the punch circle (widened to keep all of the tissue)
+        cx, cy, pr = punch.x, punch.y, punch.radius
+        box = (min(box[0], cx - pr), min(box[1], cy - pr), max(box[2], cx + pr), max(box[3], cy + pr))
+        diameter_um = 2 * pr * mpp
     return TmaCore(
         name, r, c, True,
-        (float(c0 * s0), float(r0 * s0), float((c1 - c0) * s0), float((r1 - r0) * s0)),
-        (cx * s0, cy * s0), 2 * math.sqrt(area / math.pi) * mpp, len(idx), crop,
-        (c0, r0, c1 - c0, r1 - r0),
+        (box[0] * s0, box[1] * s0, (box[2] - box[0]) * s0, (box[3] - box[1]) * s0),
+        (cx * s0, cy * s0), diameter_um, len(idx), crop, (c0, r0, c1 - c0, r1 - r0), punch.partial,
     )
 
 
-def _missing_core(name: str, r: int, c: int, fit: _Fit, diameter: float, s0: float, mpp: float) -> TmaCore:
+def _missing_core(name: str, r: int, c: int, fit: Fit, diameter: float, s0: float, mpp: float) -> TmaCore:
     """An empty position: a circle of the grid's diameter (mask px) at the fitted node."""
     radius = diameter / 2
-    node = _unrotate(np.array([[fit.cols.pos[c], fit.rows.pos[r]]]), fit.theta)[0]
+    node = unrotate(np.array([[fit.cols.pos[c], fit.rows.pos[r]]]), fit.theta)[0]
     x, y = node * s0
     return TmaCore(
         name, r, c, False, (float(x - radius * s0), float(y - radius * s0), 2 * radius * s0, 2 * radius * s0),
@@ -423,13 +322,24 @@ def dearray_slide(
     row_labels: str | Sequence[str] | None = None,
     col_labels: str | Sequence[str] | None = None,
     row_first: bool = True,
+    require_tma: bool = True,
 ) -> tuple[TmaGrid, TissueMap]:
-    """Detect tissue at `tissue_mpp` µm/px and dearray it; returns the grid and the tissue map it used."""
+    """Detect tissue at `tissue_mpp` µm/px and dearray it; returns the grid and the tissue map it used.
+
+    A slide that does not look like a TMA (`tma_problem`: e.g. one tissue section, which would give a 1 x 1
+    "grid") raises `NotTmaError`; with `require_tma=False` it is dearrayed anyway and a warning is logged.
+    """
     from equiseg_wsi.tissue import detect_tissue
 
     tissue = detect_tissue(slide, tissue_mpp)
     grid = dearray(tissue, core_diameter_um=core_diameter_um, row_labels=row_labels, col_labels=col_labels,
                    row_first=row_first)
+    problem = tma_problem(tissue, core_diameter_um=core_diameter_um)
+    if problem is not None:
+        if require_tma:
+            raise NotTmaError(f"does not look like a TMA: {problem}")
+        log.warning("%s does not look like a TMA: %s; dearrayed anyway as a %d x %d grid, %d cores present",
+                    slide.path, problem, grid.n_cols, grid.n_rows, len(grid.present))
     return grid, tissue
 
 
@@ -438,22 +348,31 @@ def is_tma(tissue: TissueMap, *, core_diameter_um: float | None = None) -> bool:
 
     For the runner's auto-detection: a whole-slide section, a few biopsies or scattered debris are not TMAs.
     """
+    return tma_problem(tissue, core_diameter_um=core_diameter_um) is None
+
+
+def tma_problem(tissue: TissueMap, *, core_diameter_um: float | None = None) -> str | None:
+    """Why the tissue does not look like a TMA (one line, for a message), or None when it does (`is_tma`)."""
     p, cands, core_area, diameter = analyse(tissue, core_diameter_um)
     good = [c for c in cands if c.good]
     if len(good) < 4:
-        return False
+        return (f"{len(good)} round, core-sized tissue piece{'s' if len(good) != 1 else ''}, "
+                "a TMA has at least 4 on a grid")
     areas = np.array([c.area for c in good])
     if float(areas.std() / areas.mean()) > 0.4:
-        return False
+        return f"its round tissue pieces differ too much in size, spread {areas.std() / areas.mean():.0%} of the mean"
     # Most tissue (ignoring dust below a core's 2%) must be in core candidates.
     total = float(p.area[p.area >= MIN_PIECE * core_area].sum())
-    if sum(c.area for c in cands) < 0.6 * total:
-        return False
+    in_cores = sum(c.area for c in cands)
+    if in_cores < 0.6 * total:
+        return f"only {in_cores / total:.0%} of its tissue is in core-like pieces, a TMA has most of it in cores"
     xy = np.array([(c.cx, c.cy) for c in good])
-    fit = _fit_grid(xy, diameter)
+    fit = fit_grid(xy, diameter)
     n_nodes = fit.rows.pos.size * fit.cols.pos.size
     spacing = min(fit.rows.spacing, fit.cols.spacing) if fit.rows.pos.size > 1 else fit.cols.spacing
-    return bool(
-        fit.valid.sum() >= 4 and fit.valid.mean() >= 0.75 and n_nodes >= 4 and fit.valid.sum() >= 0.3 * n_nodes
-        and 0.9 * diameter <= spacing <= 4 * diameter
-    )
+    on_grid = int(fit.valid.sum())
+    if not (on_grid >= 4 and fit.valid.mean() >= 0.75 and n_nodes >= 4 and on_grid >= 0.3 * n_nodes):
+        return f"its core-like pieces do not line up in rows and columns, {on_grid} of {len(good)} on a grid"
+    if not 0.9 * diameter <= spacing <= 4 * diameter:
+        return f"its core-like pieces are {spacing / diameter:.1f} diameters apart, a TMA grid 0.9 to 4"
+    return None

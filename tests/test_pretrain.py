@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_ssl_cli_end_to_end(cmu_crop: Path, tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     assert len(_losses(out / "log.csv")) == 4
     loaded = load_weights(out / "model.pt")
-    assert loaded.arch == ArchSpec(widths=(8, 16, 32, 64))
+    assert loaded.arch == replace(DEFAULT_ARCH, widths=(8, 16, 32, 64))  # the packaged layout, narrower
     assert loaded.normalization == {"mean": [0.5] * 3, "std": [0.5] * 3}
     assert loaded.training["options"]["mode"] == "ssl" and loaded.training["options"]["dense_weight"] == 0.5
     assert loaded.training["options"]["border_prob"] == 0.5
@@ -159,7 +160,7 @@ def test_dense_matching_reproduces_views_of_a_real_slide_geometry() -> None:
     ramp = np.clip(np.rint(20 + 0.2 * xx + 0.1 * yy), 0, 255).astype(np.uint8)
     slide = Slide.from_array(np.repeat(ramp[..., None], 3, axis=2), mpp=0.5, name="ramp")
     cfg = PretrainConfig(tile=32, mpp_min=1.0, mpp_max=2.0, hed_sigma=0.0, brightness=0.0, contrast=0.0,
-                         blur_prob=0.0)
+                         blur_prob=0.0, border_prob=0.0)
     views = SlideViews.__new__(SlideViews)
     views.cfg = cfg
     rng = np.random.default_rng(0)
@@ -274,6 +275,42 @@ def test_border_prob_must_be_a_probability_and_defaults_to_off_for_old_files() -
     old = PretrainConfig().to_dict()
     del old["border_prob"]
     assert PretrainConfig.from_dict(old).border_prob == 0.0
+
+
+def test_defaults_follow_the_packaged_recipe() -> None:
+    """Issue 17: `pretrain`'s defaults are the packaged model's layout and jitter, and the border probability of
+    the last self-supervised packaged model (0.5, not 0); files from before keep what they trained with."""
+    from equiseg_wsi.training.masks import MaskTrainConfig
+
+    cfg = PretrainConfig()
+    assert cfg.arch_spec() == DEFAULT_ARCH
+    assert cfg.border_prob == 0.5 and cfg.dense_weight == 0.0 and not cfg.rotate_augment
+    shipped = MaskTrainConfig()
+    assert (cfg.hed_sigma, cfg.brightness, cfg.contrast) == (shipped.hed_sigma, shipped.brightness, shipped.contrast)
+    assert shipped.arch() == DEFAULT_ARCH
+    old = cfg.to_dict()
+    for key in ("stem_kernel", "kernel_sizes", "blocks", "border_prob"):
+        del old[key]
+    old["widths"] = [64, 128, 256, 512]
+    restored = PretrainConfig.from_dict(old)
+    assert restored.arch_spec() == ArchSpec() and restored.border_prob == 0.0  # the published SRE-ResNet-18
+    # the command line says the same
+    from equiseg_cli.pretrain import pretrain as command
+
+    defaults = {p.name: p.default for p in command.params}
+    assert defaults["layout"] == "compact" and defaults["widths"] is None and defaults["border_prob"] == 0.5
+    with pytest.raises(InputError, match="widths"):
+        PretrainConfig(widths=(8, 16, 32))
+
+
+def test_resnet18_layout_from_the_command_line(cmu_crop: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r18"
+    res = CliRunner().invoke(cli, ["pretrain", "--mode", "ssl", str(cmu_crop), "--mpp", "0.499", "-o", str(out),
+                                   "--layout", "resnet18", "--widths", "4,8,8,8", "--tile", "32", "--batch-size", "2",
+                                   "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu", "--threads", "1",
+                                   "-q"])
+    assert res.exit_code == 0, res.output
+    assert load_weights(out / "model.pt").arch == ArchSpec(widths=(4, 8, 8, 8))
 
 
 def test_hed_round_trip() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qupath_qptma import qupath_import
 
 from equiseg_wsi.export.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from equiseg_wsi.export.qptma import (
@@ -76,7 +77,7 @@ def test_qptma_follows_the_format(tmp_path: Path) -> None:
     lines = raw.decode("utf-8").split("\n")[:-1]
     assert lines[0] == "TMA grid width: 4"
     assert lines[1] == "TMA grid height: 3"
-    assert lines[2] == "Core name\tX\tY\tWidth\tHeight\tPresent\tUnique ID"
+    assert lines[2] == "Core name\tX\tY\tWidth\tHeight\tPresent\tCase ID"
     assert lines[2].split("\t") == [*QPTMA_COLUMNS, QUPATH_ID_COLUMN]
     rows = [line.split("\t") for line in lines[3:]]
     assert len(rows) == 12, "one row per grid position"
@@ -90,6 +91,38 @@ def test_qptma_follows_the_format(tmp_path: Path) -> None:
         assert x + w - (core["x"] + core["width"]) < 2
         assert r[5] == ("true" if core["present"] else "false")
         assert r[6] == core["case_id"]
+
+
+def test_qupath_reads_case_ids_presence_and_grid(tmp_path: Path) -> None:
+    """Read back as QuPath's importer does: case ids from 'Case ID', Present true/false, height = cores / width."""
+    cores = grid_cores(4, 3)
+    path = write_qptma(tmp_path / "slide.qptma", cores, 4, 3)
+    grid = qupath_import(path)
+    assert (grid["width"], grid["height"]) == (4, 3) == (grid["width"], grid["declared_height"])
+    assert grid["name"] == [c["name"] for c in cores]
+    assert grid["Case ID"] == [c["case_id"] or None for c in cores]
+    assert grid["present"] == [c["present"] for c in cores]
+    assert sum(grid["present"]) == 8 and not all(grid["present"])
+    for (x, y, w, h), core in zip(grid["box"], cores, strict=True):  # every box parses, missing cores' too
+        assert x <= core["x"] < x + w and y <= core["y"] < y + h and w >= core["width"] and h >= core["height"]
+
+
+def test_reader_follows_qupath_present_and_height_rules(tmp_path: Path) -> None:
+    """'TRUE' is present, '1'/'yes'/'' are missing; the height comes from the row count, not the header line."""
+    text = (
+        "TMA grid width: 2\nTMA grid height: 5\n"
+        "Present\tCore name\tX\tY\tWidth\tHeight\tUnique ID\tCase ID\n"
+        "TRUE\tA-1\t0\t0\t10\t10\tu1\tc1\n1\tA-2\t20\t0\t10\t10\tu2\t\n"
+        "yes\tB-1\t0\t20\t10\t10\t\t\n\tB-2\t20\t20\t10\t10\t\tc4\n"
+    )
+    path = tmp_path / "q.qptma"
+    path.write_text(text)
+    grid = read_qptma(path)
+    quoted = qupath_import(path)
+    assert (grid.width, grid.height) == (quoted["width"], quoted["height"]) == (2, 2)
+    assert [c.present for c in grid.cores] == quoted["present"] == [True, False, False, False]
+    assert [c.case_id or None for c in grid.cores] == quoted["Case ID"] == ["c1", None, None, "c4"]
+    assert [c.name for c in grid.cores] == quoted["name"]
 
 
 def test_qptma_round_trip(tmp_path: Path) -> None:
@@ -137,10 +170,12 @@ def test_reader_skips_qupath_preamble_and_accepts_case_id_header(tmp_path: Path)
     assert grid.cores[1].present is False
 
 
-def test_custom_id_column(tmp_path: Path) -> None:
-    path = write_qptma(tmp_path / "c.qptma", grid_cores(2, 1), 2, 1, id_column="Case ID")
-    assert path.read_text().split("\n")[2].endswith("\tCase ID")
-    assert read_qptma(path).cores[0].case_id == "P000"
+def test_custom_id_column_is_not_read_as_case_id(tmp_path: Path) -> None:
+    """QuPath takes case ids from 'Case ID' only: another column name (the old 'Unique ID') carries none."""
+    path = write_qptma(tmp_path / "c.qptma", grid_cores(2, 1), 2, 1, id_column="Unique ID")
+    assert path.read_text().split("\n")[2].endswith("\tUnique ID")
+    assert read_qptma(path).cores[0].case_id == ""
+    assert qupath_import(path)["Case ID"] == [None, None]
 
 
 @pytest.mark.parametrize(

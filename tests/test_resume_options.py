@@ -50,14 +50,14 @@ def test_changed_k_and_seed_redo_the_slide(cores: Path, tmp_path: Path) -> None:
     _run(image, "-o", str(out), "--n-clusters", "3")
     text = _run(image, "-o", str(out), "--n-clusters", "5", "--seed", "7")
     assert "1 slide(s) done, 0 skipped" in text
-    assert "1 redone (options changed)" in text
+    assert "1 redone (options changed, model changed)" in text  # the run-wide KMeans changes with K and seed
     for table in (out / "biomarkers.csv", out / A / "biomarkers.csv"):
         (row,) = _rows(table)
         assert row["n_clusters"] == "5" and "c5_fraction" in row, table
     manifest = _manifest(out)
     assert manifest["options"]["segment"]["n_clusters"] == 5 and manifest["options"]["segment"]["seed"] == 7
     (slide,) = manifest["slides"]
-    assert slide["status"] == "done" and slide["redone"] == ["options"]
+    assert slide["status"] == "done" and slide["redone"] == ["options", "model"]
     assert all(r["n_clusters"] == 5 for r in slide["regions"])
     assert manifest["resume"]["redone"] == 1 and manifest["resume"]["redone_because"]["options changed"] == 1
 
@@ -97,7 +97,8 @@ def test_changed_input_file_is_redone(cores: Path, tmp_path: Path) -> None:
     pixels = np.asarray(Image.open(CORES / f"{B}.jpg").convert("RGB"))
     Image.fromarray(np.ascontiguousarray(pixels[::-1])).save(image, quality=90)  # other pixels, same name
     text = _run(str(image), "-o", str(out))
-    assert "1 slide(s) done, 0 skipped" in text and "1 redone (input changed)" in text
+    # the run-wide KMeans is refitted on the new pixels, so the model changed too
+    assert "1 slide(s) done, 0 skipped" in text and "1 redone (model changed, input changed)" in text
     after = _rows(out / "biomarkers.csv")[0]
     assert after["tissue_area_um2"] != before["tissue_area_um2"]
 
@@ -132,7 +133,8 @@ def test_changed_cluster_model_file_changes_the_key(tmp_path: Path) -> None:
 def test_merge_of_differing_tables_names_the_files(tmp_path: Path) -> None:
     from equiseg_wsi.errors import InputError
     from equiseg_wsi.options import ExtractorSpec, RunJob, RunOptions, SegmentOptions
-    from equiseg_wsi.runner import SlideResult, write_run_outputs
+    from equiseg_wsi.run_files import write_run_outputs
+    from equiseg_wsi.slide_result import SlideResult
 
     job = RunJob(ExtractorSpec(device="cpu", target_mpp=4.0), RunOptions(segment=SegmentOptions(target_mpp=4.0)))
     three = {"slide": "a", "n_clusters": 3, "c3_fraction": 0.2}

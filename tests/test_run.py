@@ -188,9 +188,17 @@ def test_tma_slide_is_processed_per_core(tmp_path: Path) -> None:
     truth = list(csv.DictReader(open(REPO / "sample_data" / "tma" / "tma_3x4_truth.csv")))
     present = sorted(r["name"] for r in truth if r["present"].lower() == "true")
     rows = list(csv.DictReader(open(out / "biomarkers.csv")))
-    assert sorted(r["region"] for r in rows) == present
+    assert [r["region"] for r in rows] == [r["name"] for r in truth]  # every grid position, row-major
+    assert sorted(r["region"] for r in rows if r["present"] == "True") == present
     a1 = next(r for r in rows if r["region"] == "A-1")
     assert (a1["grid_row"], a1["grid_column"], a1["case_id"]) == ("1", "1", "patient-7")
+    for r in rows:  # missing cores: a row saying so, with its grid position and no measurements
+        if r["present"] == "False":
+            assert r["region"] in {"A-2", "B-1"} and r["grid_row"] and r["grid_column"] and r["slide"] == "tma_3x4"
+            assert r["tissue_area_um2"] == "" and r["c1_fraction"] == "" and r["n_clusters"] != ""
+    assert json.loads((out / "manifest.json").read_text())["summary"]["regions"] == len(present)
+    slide_rows = list(csv.DictReader(open(out / "tma_3x4" / "biomarkers.csv")))
+    assert slide_rows == rows
     qptma = (out / "tma_3x4" / "tma_3x4.qptma").read_text().splitlines()
     assert qptma[0] == "TMA grid width: 4" and qptma[1] == "TMA grid height: 3"
     assert any(line.startswith("A-1\t") and line.endswith("\tpatient-7") for line in qptma)

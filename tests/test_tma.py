@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import math
 import time
@@ -10,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from equiseg_wsi.biomarkers import compute_biomarkers, is_measured, write_csv
 from equiseg_wsi.errors import InputError, NoTissueError
 from equiseg_wsi.export.geojson import feature_collection, qupath_problems
 from equiseg_wsi.export.qptma import qupath_core_name, read_qptma, write_qptma
-from equiseg_wsi.export.tma_outputs import CORE_CSV_COLUMNS, core_features, core_rows
+from equiseg_wsi.export.tma_outputs import CORE_CSV_COLUMNS, core_features, core_rows, with_missing_cores
 from equiseg_wsi.inputs import read_case_ids
 from equiseg_wsi.regions import core_areas
 from equiseg_wsi.slide import open_slide
-from equiseg_wsi.testing.tma_synth import SynthTma, make_tma_slide
+from equiseg_wsi.testing.tma_synth import PARTIAL_KEEP, SynthTma, make_tma_slide
 from equiseg_wsi.tissue import TissueMap, detect_tissue
 from equiseg_wsi.tma import TmaGrid, dearray, is_tma
 
@@ -195,7 +197,7 @@ def test_qptma_follows_qupath_format(tma_12x8: tuple[SynthTma, TissueMap], tmp_p
     lines = raw.decode("utf-8").split("\n")[:-1]
     assert lines[0] == "TMA grid width: 12"
     assert lines[1] == "TMA grid height: 8"
-    assert lines[2] == "Core name\tX\tY\tWidth\tHeight\tPresent\tUnique ID"
+    assert lines[2] == "Core name\tX\tY\tWidth\tHeight\tPresent\tCase ID"
     assert len(lines) == 3 + 96  # one row per grid position, missing ones included
     for i, line in enumerate(lines[3:]):
         fields = line.split("\t")
@@ -236,6 +238,33 @@ def test_core_rows_columns(tma_6x4: tuple[SynthTma, TissueMap]) -> None:
     assert rows[7]["name"] == "B-2" and rows[7]["case_id"] == "X" and rows[8]["case_id"] == ""
 
 
+def test_missing_cores_get_a_biomarker_row(tma_6x4: tuple[SynthTma, TissueMap], tmp_path: Path) -> None:
+    """biomarkers.csv lists every grid position: missing cores with present = False and empty measurements."""
+    _, tissue = tma_6x4
+    grid = dearray(tissue)
+    rng = np.random.default_rng(0)
+
+    def identity(name: str) -> dict[str, object]:
+        core = grid.core(name)
+        return {"slide": "tma_6x4", "region": name, "grid_row": core.row + 1, "grid_column": core.col + 1}
+
+    measured = [compute_biomarkers(rng.integers(0, 4, (20, 20)), rng.integers(0, 255, (20, 20, 3), dtype=np.uint8),
+                                   3, 8.0, identity(c.name)) for c in reversed(grid.present)]
+    rows = with_missing_cores(grid, measured, identity)
+    assert [r["region"] for r in rows] == [c.name for c in grid.cores]  # all positions, row-major
+    table = list(csv.DictReader(open(write_csv(tmp_path / "biomarkers.csv", rows), newline="")))
+    missing = {c.name for c in grid.cores if not c.present}
+    assert missing and {r["region"] for r in table if r["present"] == "False"} == missing
+    assert all(r["present"] == "True" for r in table if r["region"] not in missing)
+    for r in table:
+        if r["region"] in missing:
+            core = grid.core(r["region"])
+            assert (r["grid_row"], r["grid_column"]) == (str(core.row + 1), str(core.col + 1))
+            assert r["n_clusters"] == "3" and r["tissue_area_um2"] == "" and r["c1_fraction"] == ""
+            assert not is_measured(r)
+    assert with_missing_cores(grid, [], identity) == []
+
+
 def test_read_case_ids(tmp_path: Path) -> None:
     p = tmp_path / "ids.csv"
     p.write_text("Core,Case ID\nA-1,P01\nB-2, P02 \n")
@@ -270,7 +299,87 @@ def test_generator_is_deterministic_and_readable(tmp_path: Path) -> None:
             assert (slide.width, slide.height) == (a.width, a.height)
     csv_path = a.write_truth_csv(tmp_path / "truth.csv")
     header = csv_path.read_text().splitlines()[0]
-    assert header == "name,row,column,present,centre_x_px,centre_y_px,diameter_um,fragments"
+    assert header == "name,row,column,present,centre_x_px,centre_y_px,diameter_um,fragments,partial"
+
+
+# ------------------------------------------------------------------------------------ partly filled cores
+
+#: Like the issue's hold-out TMAs: 8 x 5 rotated 4° with 5 missing, 6 x 4 rotated -9° with 3 missing; partly
+#: filled cores (half-moons, cores cut by a straight edge, sparse patchy cores), a fragmented core, debris.
+PARTIAL_SLIDES = {
+    "8x5": dict(rows=5, cols=8, seed=21, mpp=4.0, rotation_deg=4.0, missing=0.125, n_half=2, n_cut=2, n_sparse=1,
+                n_fragmented=1, n_debris=8),
+    "6x4": dict(rows=4, cols=6, seed=22, mpp=4.0, rotation_deg=-9.0, missing=0.125, n_half=1, n_cut=1, n_sparse=1,
+                n_fragmented=1, n_debris=6),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PARTIAL_SLIDES))
+def tma_partial(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[SynthTma, TissueMap]:
+    path = tmp_path_factory.mktemp("tma") / f"partial_{request.param}.svs"
+    truth = make_tma_slide(path, **PARTIAL_SLIDES[request.param])
+    with open_slide(path) as slide:
+        tissue = detect_tissue(slide, 8.0)
+    return truth, tissue
+
+
+def test_generator_partial_cores(tmp_path: Path) -> None:
+    """Partly filled cores keep the punch as their truth and leave the rest of the slide as without them."""
+    kw = dict(rows=3, cols=4, seed=8, mpp=8.0, missing=["B-2"], n_debris=2)
+    whole = make_tma_slide(tmp_path / "whole.svs", **kw)
+    part = make_tma_slide(tmp_path / "part.svs", n_half=1, n_cut=1, n_sparse=1, **kw)
+    kinds = sorted(c.partial for c in part.cores if c.partial)
+    assert kinds == ["cut", "half", "sparse"]
+    for a, b in zip(whole.cores, part.cores, strict=True):
+        same = (a.name, a.present, a.centre_level0, a.diameter_um)
+        assert same == (b.name, b.present, b.centre_level0, b.diameter_um)
+        if b.partial:
+            lo, hi = PARTIAL_KEEP[b.partial]
+            assert lo - 0.03 <= b.tissue_fraction <= hi + 0.03 and b.present and b.fragments >= 1
+        else:
+            assert b.tissue_fraction == (1.0 if b.present else 0.0)
+    assert whole.debris_level0 == part.debris_level0
+    with open_slide(whole.path) as sw, open_slide(part.path) as sp:
+        a_rgb, b_rgb = sw.read_full(8.0).astype(int), sp.read_full(8.0).astype(int)
+    changed = np.abs(a_rgb - b_rgb).sum(axis=2) > 60
+    for c in part.cores:  # the pictures differ only where a partly filled core lost tissue
+        if not c.partial:
+            x, y = c.centre_level0  # level-0 px = px at 8 µm/px on this slide
+            r = c.diameter_um / 8.0 / 2
+            yy, xx = np.mgrid[0 : changed.shape[0], 0 : changed.shape[1]]
+            assert not changed[np.hypot(xx + 0.5 - x, yy + 0.5 - y) <= 0.8 * r].any()
+    assert "partial" in part.write_truth_csv(tmp_path / "t.csv").read_text().splitlines()[0]
+
+
+def test_partly_filled_cores_are_centred_on_their_punch(tma_partial: tuple[SynthTma, TissueMap]) -> None:
+    """Every position named and present/missing as in the truth, every centre within 10% of its diameter
+    (the tissue centroid of a half-moon is ~20% off), and a partial core's box is its punch circle's."""
+    truth, tissue = tma_partial
+    assert is_tma(tissue)
+    grid = dearray(tissue)
+    errors = check_against_truth(grid, truth, tol=0.10)
+    assert len(errors) == sum(c.present for c in truth.cores)
+    for true in truth.cores:
+        found = grid.core(true.name)
+        if true.partial in ("half", "sparse"):
+            assert found.partial, f"{true.name} ({true.partial}) kept its tissue centroid"
+            x, y, w, h = found.bbox_level0
+            d_px = true.diameter_um / truth.mpp
+            assert w == pytest.approx(d_px, rel=0.15) and h == pytest.approx(d_px, rel=0.15)
+            assert found.diameter_um == pytest.approx(true.diameter_um, rel=0.15)
+        if not true.partial and true.present:
+            assert not found.partial
+    # the tissue centroid alone would miss: this is what the punch fit is for
+    half = [c for c in truth.cores if c.partial == "half"]
+    centroid_err = []
+    for true in half:
+        crop = grid.core(true.name).mask_crop
+        c0, r0, _, _ = grid.core(true.name).bbox_mask
+        assert crop is not None
+        rows, cols = np.nonzero(crop)
+        cx, cy = (cols.mean() + c0 + 0.5) * tissue.px_level0, (rows.mean() + r0 + 0.5) * tissue.px_level0
+        centroid_err.append(math.dist((cx, cy), true.centre_level0) * truth.mpp / true.diameter_um)
+    assert min(centroid_err) > 0.12
 
 
 def test_generator_rejects_unknown_missing_names(tmp_path: Path) -> None:

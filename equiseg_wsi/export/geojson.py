@@ -40,6 +40,7 @@ __all__ = [
     "GeoJSONError",
     "cluster_class_name",
     "cluster_color",
+    "cluster_names",
     "feature_collection",
     "geojson_bytes",
     "object_id",
@@ -93,6 +94,16 @@ def cluster_class_name(i: int) -> str:
     if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 1:
         raise GeoJSONError(f"cluster ids start at 1, got {i!r}")
     return f"Cluster {int(i)}"
+
+
+def cluster_names(k: int, given: Sequence[str] = ()) -> list[str]:
+    """QuPath class names of clusters 1..k: the names `given` (``--cluster-names``, one per cluster), else
+    ``"Cluster i"``. Colours never depend on the names (``cluster_color`` goes by the cluster id)."""
+    if given:
+        if len(given) != k:
+            raise GeoJSONError(f"{len(given)} cluster name(s) given for {k} clusters")
+        return [_check_class_name(n, "cluster name") for n in given]
+    return [cluster_class_name(i + 1) for i in range(k)]
 
 
 def cluster_color(k_index: int) -> tuple[int, int, int]:
@@ -158,15 +169,6 @@ def _number(value: object, name: str) -> int | float:
     return f
 
 
-def _round_coords(obj: Any) -> Any:
-    """Coordinates rounded to QuPath's 0.01 grid as plain floats (negative zero folded to zero)."""
-    if isinstance(obj, (list, tuple)):
-        if obj and isinstance(obj[0], numbers.Real) and not isinstance(obj[0], bool):
-            return [round(float(v), 2) + 0.0 for v in obj]
-        return [_round_coords(o) for o in obj]
-    raise GeoJSONError(f"bad coordinate array element {obj!r}")
-
-
 def _geometry_dict(geometry: Any) -> dict[str, Any]:
     """A GeoJSON geometry mapping for a shapely geometry or anything with ``__geo_interface__``."""
     geom: BaseGeometry
@@ -190,8 +192,23 @@ def _geometry_dict(geometry: Any) -> dict[str, Any]:
             f"geometry is invalid after snapping to 0.01 px ({shapely.is_valid_reason(snapped)}); "
             "use equiseg_wsi.polygons.snap_valid first"
         )
-    mapping = shapely.geometry.mapping(snapped)
-    return {"type": mapping["type"], "coordinates": _round_coords(mapping["coordinates"])}
+    return {"type": snapped.geom_type, "coordinates": _snapped_coords(snapped)}
+
+
+def _ring_coords(ring: Any) -> list[list[float]]:
+    coords: list[list[float]] = (np.round(np.asarray(ring.coords, dtype=np.float64), 2) + 0.0).tolist()
+    return coords
+
+
+def _snapped_coords(geom: BaseGeometry) -> list[Any]:
+    """GeoJSON coordinates of a (Multi)Polygon already snapped to 0.01 px: rounded to two decimals as plain
+    floats (negative zero folded to zero), in numpy rather than per number in Python."""
+    def polygon(p: Any) -> list[list[list[float]]]:
+        return [_ring_coords(p.exterior), *(_ring_coords(r) for r in p.interiors)]
+
+    if geom.geom_type == "Polygon":
+        return polygon(geom)
+    return [polygon(p) for p in shapely.get_parts(geom)]
 
 
 def qupath_feature(

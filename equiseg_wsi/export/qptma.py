@@ -6,21 +6,24 @@ image in QuPath. The layout follows QuPath's own writer and reader
 
     TMA grid width: 12
     TMA grid height: 8
-    Core name<TAB>X<TAB>Y<TAB>Width<TAB>Height<TAB>Present<TAB>Unique ID
+    Core name<TAB>X<TAB>Y<TAB>Width<TAB>Height<TAB>Present<TAB>Case ID
     A-1<TAB>1024<TAB>2048<TAB>1500<TAB>1500<TAB>true<TAB>case-17
     ...                                  (one row per grid position, row-major)
 
-Facts from QuPath's reader that shape the writer:
+Facts from QuPath's reader (0.5.1 to the 0.8 development tree) that shape the writer:
 
-* The reader skips lines until it has both grid lines, then takes the next line as the tab-separated header.
+* The reader skips lines until it has both grid lines, then takes the next line as the tab-separated header
+  and finds the columns by name: ``Core name``, ``X``, ``Y``, ``Width``, ``Height``, ``Present`` and the case id
+  from the column ``TMACoreObject.KEY_CASE_ID`` = ``"Case ID"``. Any other column (e.g. ``Unique ID``, which
+  earlier versions of this writer used) is ignored, so case ids must be in ``Case ID``.
 * X/Y/Width/Height are parsed with ``Double.parseDouble`` for **every** row, missing cores included: a missing
   core must still carry its (expected) bounding box, or the import fails. QuPath writes integers
   (``(int) x``, ``(int) y``, ``ceil(width)``, ``ceil(height)``); so does this writer, widened so the integer
   box still contains the given one.
-* ``Present`` is read with ``Boolean.parseBoolean``: ``true`` / ``false``.
-* The last column is QuPath's ``TMACoreObject.KEY_UNIQUE_ID`` = ``"Unique ID"``: QuPath's per-core identifier
-  used to join case/patient data, i.e. our case id. A column named ``Case ID`` would be read by nothing, so
-  the default header uses ``Unique ID`` (``id_column`` lets a caller choose; ``read_qptma`` accepts both).
+* ``Present`` is read with ``Boolean.parseBoolean``: ``true`` is present, anything else (``1``, ``yes``, empty)
+  counts as missing; the writer writes ``true`` / ``false``.
+* The grid height is taken as the number of core rows divided by the width (``DefaultTMAGrid.create``), not
+  from the ``TMA grid height`` line: the writer writes exactly width x height rows.
 * Core names follow QuPath's default: row letters, 1-based column numbers, ``A-1``.
 """
 
@@ -54,11 +57,10 @@ __all__ = [
     "write_qptma",
 ]
 
-#: QuPath's name for the per-core identifier column (``TMACoreObject.KEY_UNIQUE_ID``).
-QUPATH_ID_COLUMN = "Unique ID"
-#: Columns before the identifier column, in QuPath's order.
+#: The column QuPath's ``.qptma`` reader takes the case id from (``TMACoreObject.KEY_CASE_ID``, QuPath >= 0.5.1).
+QUPATH_ID_COLUMN = "Case ID"
+#: Columns before the case id column, in QuPath's order.
 QPTMA_COLUMNS = ("Core name", "X", "Y", "Width", "Height", "Present")
-_ID_COLUMNS = (QUPATH_ID_COLUMN, "Case ID")
 
 
 class QptmaError(InputError, ValueError):
@@ -261,27 +263,34 @@ def _parse_number(value: str | None, what: str) -> float:
 
 
 def read_qptma(path: str | os.PathLike[str]) -> QptmaGrid:
-    """Read a ``.qptma`` file the way QuPath does (leading lines before the grid size are skipped)."""
+    """Read a ``.qptma`` file the way QuPath's ``importDearrayedTMAData`` does (see the module docstring).
+
+    Lines before the grid size are skipped; columns are found by name; the case id comes from ``Case ID`` only;
+    ``Present`` is true only for ``true`` (any case, like ``Boolean.parseBoolean``), missing when the column is
+    absent means present; the grid height is the number of core rows divided by the width.
+    """
     target = Path(path)
     lines = target.read_text(encoding="utf-8").splitlines()
     width = height = None
     i = 0
     while i < len(lines) and (width is None or height is None):
         line = lines[i]
-        if line.startswith("TMA grid width:"):
-            width = int(line.split(":", 1)[1].strip())
-        elif line.startswith("TMA grid height:"):
-            height = int(line.split(":", 1)[1].strip())
+        try:
+            if line.startswith("TMA grid width:"):
+                width = int(line.split(":", 1)[1].strip())
+            elif line.startswith("TMA grid height:"):
+                height = int(line.split(":", 1)[1].strip())
+        except ValueError as exc:
+            raise QptmaError(f"{target}:{i + 1}: {line!r} has no integer grid size") from exc
         i += 1
     if not width or not height or width < 1 or height < 1:
         raise QptmaError(f"{target}: no 'TMA grid width/height' lines")
     if i >= len(lines):
         raise QptmaError(f"{target}: header line missing")
     header = lines[i].split("\t")
-    for col in QPTMA_COLUMNS:
+    for col in QPTMA_COLUMNS[1:5]:  # QuPath gives up without locations; name and Present are optional
         if col not in header:
             raise QptmaError(f"{target}: header has no {col!r} column")
-    id_idx = next((header.index(c) for c in _ID_COLUMNS if c in header), None)
     cores = []
     for n, line in enumerate(lines[i + 1 :], start=i + 2):
         if not line.strip():
@@ -290,17 +299,18 @@ def read_qptma(path: str | os.PathLike[str]) -> QptmaGrid:
         vals += [""] * (len(header) - len(vals))
         row = dict(zip(header, vals, strict=False))
         where = f"{target}:{n}"
+        present = row.get("Present")
         cores.append(
             QptmaCore(
-                name=row["Core name"],
+                name=row.get("Core name", ""),
                 x=_parse_number(row["X"], where),
                 y=_parse_number(row["Y"], where),
                 width=_parse_number(row["Width"], where),
                 height=_parse_number(row["Height"], where),
-                present=row["Present"].strip().lower() == "true",
-                case_id=vals[id_idx] if id_idx is not None else "",
+                present=True if present is None else present.lower() == "true",
+                case_id=row.get(QUPATH_ID_COLUMN, ""),
             )
         )
-    if len(cores) != width * height:
-        raise QptmaError(f"{target}: {len(cores)} core rows for a {width} x {height} grid")
-    return QptmaGrid(width=width, height=height, cores=tuple(cores))
+    if not cores or len(cores) % width:
+        raise QptmaError(f"{target}: {len(cores)} core rows do not fill rows of {width} (the grid width)")
+    return QptmaGrid(width=width, height=len(cores) // width, cores=tuple(cores))

@@ -6,7 +6,7 @@ Kept apart from the grid fitting in `equiseg_wsi.tma` so that fitting needs neit
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from shapely.geometry import Polygon
 
-from equiseg_wsi.biomarkers import format_value
+from equiseg_wsi.biomarkers import format_value, missing_region_row
 from equiseg_wsi.export.geojson import object_id, qupath_feature, write_geojson
 from equiseg_wsi.export.overlay import save_png
 from equiseg_wsi.export.qptma import write_qptma
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from equiseg_wsi.slide import Slide
     from equiseg_wsi.tma import TmaGrid
 
-__all__ = ["CORE_CSV_COLUMNS", "core_features", "core_rows", "export_dearray", "render_grid"]
+__all__ = ["CORE_CSV_COLUMNS", "core_features", "core_rows", "export_dearray", "render_grid", "with_missing_cores"]
 
 #: Columns of the cores CSV, in order (row and column are 1-based: A-1 is row 1, column 1).
 CORE_CSV_COLUMNS = (
@@ -45,6 +45,29 @@ def core_rows(grid: TmaGrid, case_ids: Mapping[str, str] | None = None) -> list[
             str(ids.get(c.name, "")),
         ), strict=True)))
     return rows
+
+
+def with_missing_cores(
+    grid: TmaGrid, rows: Sequence[Mapping[str, Any]], identity: Callable[[str], Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """The biomarker rows of a TMA slide with one row for every missing core added, in row-major grid order.
+
+    `rows`: the measured rows (``region`` = core name); `identity(name)`: the identity columns of a core. A
+    missing core's row has ``present`` False and empty measurements (`missing_region_row`); rows of regions that
+    are not grid positions keep their place at the end. Without a measured row there is nothing to copy the
+    columns from, and `rows` is returned as it is.
+    """
+    if not rows:
+        return [dict(r) for r in rows]
+    by_name = {str(r["region"]): r for r in rows}
+    out: list[dict[str, Any]] = []
+    for core in grid.cores:
+        if core.name in by_name:
+            out.append(dict(by_name.pop(core.name)))
+        elif not core.present:
+            out.append(missing_region_row(rows[0], identity(core.name)))
+    out.extend(dict(r) for r in rows if str(r["region"]) in by_name)
+    return out
 
 
 def _ellipse(x: float, y: float, w: float, h: float, n: int = 72) -> Polygon:

@@ -2,13 +2,16 @@
 
 Public TMA slides are large and rarely free, so the dearrayer is tested on slides built here: a grid of circular
 cores whose texture is real H&E (`sample_data/CMU-1-Small-Region.svs`, CC0), with what makes real TMAs hard —
-jittered positions and sizes, ragged core edges, missing cores, a rotated grid, uneven spacing, debris and
-fragmented cores — written as an Aperio-style pyramid (`write_aperio_pyramid`) that tiffslide and OpenSlide
-both open, with the resolution in its metadata. The same seed gives the same slide and truth.
+jittered positions and sizes, ragged core edges, missing cores, a rotated grid, uneven spacing, debris,
+fragmented cores and partly filled cores (half-moons, cores cut by a straight edge, sparse cores whose tissue
+covers only patches of the punch) — written as an Aperio-style pyramid (`write_aperio_pyramid`) that tiffslide
+and OpenSlide both open, with the resolution in its metadata. The same seed gives the same slide and truth.
 
 Run as a script to write one slide and its truth table (``OUT_truth.csv``)::
 
-    python -m equiseg_wsi.testing.tma_synth OUT.svs --rows 3 --cols 4 --seed 7 --mpp 2 --rotation 3
+    python -m equiseg_wsi.testing.tma_synth OUT.svs --rows 3 --cols 4 --seed 7 --mpp 2 --rotation 3 --half 1
+
+The truth of a partly filled core is still its punch: the centre and diameter of the full circle.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from equiseg_wsi.export.atomic import atomic_write_text
 from equiseg_wsi.export.qptma import qupath_core_name
 from equiseg_wsi.testing.slide_writer import write_aperio_pyramid
 
-__all__ = ["DEFAULT_SOURCE", "SynthCore", "SynthTma", "make_tma_slide", "main"]
+__all__ = ["DEFAULT_SOURCE", "PARTIAL_KINDS", "SynthCore", "SynthTma", "make_tma_slide", "main"]
 
 #: The CC0 H&E region the core texture is cut from (0.499 µm/px, 2220 x 2967 px).
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "sample_data" / "CMU-1-Small-Region.svs"
@@ -37,9 +40,19 @@ GLASS_RGB = (246.0, 243.0, 243.0)
 GLASS_SHADE = 4.0
 
 
+#: Kinds of partly filled cores (`SynthCore.partial`): the share of the punch that keeps tissue.
+PARTIAL_KINDS = ("half", "cut", "sparse")
+#: Share of the punch's disc that keeps tissue, per kind (drawn uniformly in the range).
+PARTIAL_KEEP = {"half": (0.4, 0.56), "cut": (0.63, 0.8), "sparse": (0.3, 0.45)}
+
+
 @dataclass(frozen=True)
 class SynthCore:
-    """Truth for one grid position: centre in level-0 px (x, y) and punch diameter in µm."""
+    """Truth for one grid position: centre in level-0 px (x, y) and punch diameter in µm.
+
+    `partial`: "" for a whole core, else one of `PARTIAL_KINDS` (the centre and diameter are the punch's, not
+    those of the tissue left); `tissue_fraction`: share of the punch's disc covered by tissue.
+    """
 
     name: str
     row: int
@@ -48,6 +61,8 @@ class SynthCore:
     centre_level0: tuple[float, float]
     diameter_um: float
     fragments: int = 1
+    partial: str = ""
+    tissue_fraction: float = 1.0
 
 
 @dataclass
@@ -75,11 +90,11 @@ class SynthTma:
 
     def write_truth_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write the truth as CSV (row and column 1-based, like the cores CSV of `equiseg dearray`)."""
-        lines = ["name,row,column,present,centre_x_px,centre_y_px,diameter_um,fragments"]
+        lines = ["name,row,column,present,centre_x_px,centre_y_px,diameter_um,fragments,partial"]
         for c in self.cores:
             lines.append(
                 f"{c.name},{c.row + 1},{c.col + 1},{str(c.present).lower()},{c.centre_level0[0]:.2f},"
-                f"{c.centre_level0[1]:.2f},{c.diameter_um:.2f},{c.fragments if c.present else 0}"
+                f"{c.centre_level0[1]:.2f},{c.diameter_um:.2f},{c.fragments if c.present else 0},{c.partial}"
             )
         return atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -184,6 +199,30 @@ def _fragment(inside: np.ndarray, gap_px: float, rng: np.random.Generator) -> li
     return [(m, int(round(s[0] - mean[0])), int(round(s[1] - mean[1]))) for m, s, _ in pieces]
 
 
+def _partial_mask(inside: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """The part of a punched core (`inside`, centred in its square) that keeps tissue, for a kind of partial core.
+
+    half: a half-moon, one side of a chord near the centre; cut: a straight edge took a segment off one side;
+    sparse: patches of tissue (smooth random blobs about a tenth of the core across) spread over the punch.
+    """
+    h, w = inside.shape
+    lo, hi = PARTIAL_KEEP[kind]
+    keep = rng.uniform(lo, hi)
+    if kind == "sparse":
+        noise = ndimage.gaussian_filter(rng.standard_normal((h, w)), sigma=max(1.0, min(h, w) / 16))
+        level = np.quantile(noise[inside], 1 - keep)
+        out: np.ndarray = inside & (noise >= level)
+        return out
+    if kind not in ("half", "cut"):
+        raise ValueError(f"partial core kind must be one of {PARTIAL_KINDS}, got {kind!r}")
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    a = rng.uniform(0, 2 * np.pi)
+    along = (xx - (w - 1) / 2) * math.cos(a) + (yy - (h - 1) / 2) * math.sin(a)
+    level = np.quantile(along[inside], 1 - keep)  # the chord that leaves exactly `keep` of the disc
+    out = inside & (along >= level)
+    return out
+
+
 def _choose_missing(rng: np.random.Generator, rows: int, cols: int, n_missing: int) -> set[tuple[int, int]]:
     """Missing positions, never emptying the first/last row or column (those fix the grid's extent)."""
     missing: set[tuple[int, int]] = set()
@@ -258,6 +297,9 @@ def make_tma_slide(
     missing: float | Sequence[str] = 0.15,
     n_fragmented: int = 1,
     n_debris: int = 6,
+    n_half: int = 0,
+    n_cut: int = 0,
+    n_sparse: int = 0,
     margin_um: float | None = None,
     row_labels: str | Sequence[str] | None = None,
     col_labels: str | Sequence[str] | None = None,
@@ -273,6 +315,9 @@ def make_tma_slide(
     `missing`: a fraction of positions, or the names of the positions to leave empty (the first/last row and
     column always keep a core when a fraction is given). `n_fragmented` present cores are broken in 2–4 pieces;
     `n_debris` small bits of tissue (40 µm to a quarter of a core) lie around, some near missing positions.
+    `n_half`, `n_cut`, `n_sparse` present (unfragmented) cores are partly filled: a half-moon (40–56% of the
+    punch), a core with a segment cut off by a straight edge (63–80% left), or sparse patches (30–45%). They are
+    drawn from a second random stream, so adding them leaves the rest of the slide as it was.
     """
     if rows < 1 or cols < 1:
         raise ValueError(f"grid must be at least 1 x 1, got {rows} x {cols}")
@@ -288,6 +333,7 @@ def make_tma_slide(
     present = [(r, c) for r in range(rows) for c in range(cols) if (r, c) not in gone]
     frag_idx = rng.permutation(len(present))[: max(0, min(n_fragmented, len(present)))]
     fragmented = {present[int(i)] for i in frag_idx}
+    partial = _choose_partial(np.random.default_rng([seed, 1]), present, fragmented, (n_half, n_cut, n_sparse))
 
     # Canvas in slide px, level 0 = the canvas.
     margin = margin_um if margin_um is not None else max(sx, sy) * 0.5
@@ -298,18 +344,8 @@ def make_tma_slide(
     occupied = np.zeros((height, width), bool)
     src = _source(str(source), float(mpp))
 
-    truth: list[SynthCore] = []
-    for r in range(rows):
-        for c in range(cols):
-            cx, cy = (centres_um[r, c] - lo) / mpp
-            d_px = diam_um[r, c] / mpp
-            is_present = (r, c) not in gone
-            n_frag = 0
-            if is_present:
-                n_frag = _paste_core(canvas, occupied, cx, cy, d_px, src, rng, (r, c) in fragmented)
-            truth.append(SynthCore(names[r][c], r, c, is_present, (float(cx), float(cy)),
-                                   float(diam_um[r, c]), n_frag))
-
+    truth = _paste_cores(canvas, occupied, names, (centres_um - lo) / mpp, diam_um, mpp, gone, fragmented,
+                         partial, src, rng)
     debris = _paste_debris(canvas, occupied, truth, n_debris, core_diameter_um / mpp, src, rng)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -322,16 +358,60 @@ def make_tma_slide(
     )
 
 
+def _paste_cores(canvas: np.ndarray, occupied: np.ndarray, names: list[list[str]], centres_px: np.ndarray,
+                 diam_um: np.ndarray, mpp: float, gone: set[tuple[int, int]], fragmented: set[tuple[int, int]],
+                 partial: dict[tuple[int, int], tuple[str, np.random.Generator]],
+                 src: tuple[np.ndarray, np.ndarray, np.ndarray], rng: np.random.Generator) -> list[SynthCore]:
+    """Paste every present core onto the canvas (row-major, one random stream) and return the truth of all."""
+    truth: list[SynthCore] = []
+    for r in range(len(names)):
+        for c in range(len(names[0])):
+            cx, cy = centres_px[r, c]
+            d_px = diam_um[r, c] / mpp
+            is_present = (r, c) not in gone
+            n_frag, kind, share = 0, partial.get((r, c), ("", None))[0], 1.0
+            if is_present:
+                n_frag, share = _paste_core(canvas, occupied, cx, cy, d_px, src, rng, (r, c) in fragmented,
+                                            partial.get((r, c)))
+            truth.append(SynthCore(names[r][c], r, c, is_present, (float(cx), float(cy)),
+                                   float(diam_um[r, c]), n_frag, kind, round(share, 4) if is_present else 0.0))
+    return truth
+
+
+def _choose_partial(
+    rng: np.random.Generator, present: list[tuple[int, int]], fragmented: set[tuple[int, int]],
+    counts: tuple[int, int, int],
+) -> dict[tuple[int, int], tuple[str, np.random.Generator]]:
+    """Which present, unfragmented cores are partly filled: (row, col) -> (kind, the stream that shapes it)."""
+    if not any(counts):
+        return {}
+    pool = [present[int(i)] for i in rng.permutation(len(present)) if present[int(i)] not in fragmented]
+    kinds = [k for k, n in zip(PARTIAL_KINDS, counts, strict=True) for _ in range(max(0, n))]
+    if len(kinds) > len(pool):
+        raise ValueError(f"{len(kinds)} partly filled cores asked for, only {len(pool)} whole cores to make them of")
+    return {pos: (kind, np.random.default_rng(rng.integers(2**63))) for pos, kind in zip(pool, kinds, strict=False)}
+
+
 def _paste_core(
     canvas: np.ndarray, occupied: np.ndarray, cx: float, cy: float, d_px: float,
     src: tuple[np.ndarray, np.ndarray, np.ndarray], rng: np.random.Generator, fragmented: bool,
-) -> int:
-    """Paste one core centred at (cx, cy) px; returns the number of pieces written."""
+    partial: tuple[str, np.random.Generator] | None = None,
+) -> tuple[int, float]:
+    """Paste one core centred at (cx, cy) px; returns the number of pieces written and the punch's share kept.
+
+    A `partial` core (kind, its own random stream) keeps only part of the punch; the main stream `rng` is used
+    exactly as for a whole core, so the rest of the slide does not change.
+    """
     pad = int(math.ceil(d_px * 0.15)) + 2
     x0, y0 = int(math.floor(cx - d_px / 2)) - pad, int(math.floor(cy - d_px / 2)) - pad
     size = int(math.ceil(d_px)) + 2 * pad
     inside = _disc((size, size), cy - y0, cx - x0, d_px / 2, rng)
     tex = _texture(rng, src, size, size)
+    share = 1.0
+    if partial is not None:
+        kept = _partial_mask(inside, partial[0], partial[1])
+        share = float(kept.sum() / max(1, inside.sum()))
+        inside = kept
     pieces = _fragment(inside, max(3.0, 0.07 * d_px), rng) if fragmented else [(inside, 0, 0)]
     n = 0
     for m, dx, dy in pieces:
@@ -343,7 +423,7 @@ def _paste_core(
         canvas[ty[ok], tx[ok]] = tex[ys[ok], xs[ok]]
         occupied[ty[ok], tx[ok]] = True
         n += 1
-    return n
+    return n, share
 
 
 def _paste_debris(
@@ -401,12 +481,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--missing", type=float, default=0.15, help="fraction of missing cores (default 0.15)")
     p.add_argument("--fragmented", type=int, default=1, help="number of fragmented cores (default 1)")
     p.add_argument("--debris", type=int, default=6, help="number of debris bits (default 6)")
+    p.add_argument("--half", type=int, default=0, help="number of half-moon cores (default 0)")
+    p.add_argument("--cut", type=int, default=0, help="number of cores with a segment cut off (default 0)")
+    p.add_argument("--sparse", type=int, default=0, help="number of sparse, patchy cores (default 0)")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality (default 85)")
     args = p.parse_args(argv)
     tma = make_tma_slide(
         args.out, args.rows, args.cols, seed=args.seed, mpp=args.mpp, core_diameter_um=args.diameter,
         spacing_um=args.spacing, rotation_deg=args.rotation, jitter=args.jitter, missing=args.missing,
-        n_fragmented=args.fragmented, n_debris=args.debris, quality=args.quality,
+        n_fragmented=args.fragmented, n_debris=args.debris, n_half=args.half, n_cut=args.cut,
+        n_sparse=args.sparse, quality=args.quality,
     )
     tma.write_truth_csv(args.out.with_name(args.out.stem + "_truth.csv"))
     return 0

@@ -10,37 +10,52 @@ from pathlib import Path
 from typing import Any
 
 from equiseg_wsi.errors import InputError
+from equiseg_wsi.models.arch import DEFAULT_ARCH
 from equiseg_wsi.models.resnet import ArchSpec
 
-__all__ = ["DENSE_LOSSES", "MODES", "PretrainConfig", "PretrainResult", "StepInfo"]
+__all__ = ["DENSE_LOSSES", "LAYOUTS", "MODES", "PretrainConfig", "PretrainResult", "StepInfo"]
 
 MODES = ("ssl", "supervised")
 DENSE_LOSSES = ("infonce", "cosine")
+_RESNET18 = ArchSpec()
+# Network layouts by name: (stem kernel, ring/kernel sizes per stage, blocks per stage, default widths).
+# "compact" is the packaged models' layout (DEFAULT_ARCH); "resnet18" the published SRE-ResNet-18.
+LAYOUTS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
+    "compact": (DEFAULT_ARCH.stem_kernel, DEFAULT_ARCH.kernel_sizes, DEFAULT_ARCH.blocks, DEFAULT_ARCH.widths),
+    "resnet18": (_RESNET18.stem_kernel, _RESNET18.kernel_sizes, _RESNET18.blocks, _RESNET18.widths),
+}
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     """Every option that changes the result (stored in the weights file); units in the names or docs.
 
+    widths, stem_kernel, kernel_sizes, blocks: the network; the defaults are the packaged models' layout
+        (`DEFAULT_ARCH`: one block per stage, 5/5/5/3-px rings, 16-128 channels), so a trained file is a drop-in
+        `--weights` for the defaults of `equiseg run` (halo, speed). `LAYOUTS["resnet18"]` is the published one.
     tile: network input side in px (a multiple of 8 keeps rot90 equivariance exact through the poolings).
-    mpp_min/mpp_max: ssl views are read at a log-uniform µm/px in this range (the product runs at 2.5).
+    mpp_min/mpp_max: ssl views are read at a log-uniform µm/px in this range (`equiseg run` defaults to 1.0).
     steps_per_epoch: ssl only (an epoch of supervised training is one pass over the training tiles).
     region: ssl only, level-0 rectangle (x, y, w, h) of every input from which views may be read (the whole
         view, not only its centre, stays inside), e.g. to hold out part of an image for evaluation.
     forward_path: SRE forward path during training ("dense" measured fastest for training on CPU and is
         what cuDNN runs on GPU); inference keeps choosing its own fastest exact path.
     dense_weight: ssl only, weight of the dense (per-cell) term added to the pooled NT-Xent. 0 (default) =
-        pooled SimCLR only, the shipped model's recipe: no dense head is built and every loss is unchanged.
+        pooled SimCLR only, the last self-supervised packaged model's recipe: no dense head is built.
         Off by default because neither dense variant beat it on the validation rows (docs/model_card.md).
     dense_loss: "infonce" (projected cells, other spots' cells as negatives) or "cosine" (raw layer4 cells,
         matched cells pulled together, no negatives); see :mod:`equiseg_wsi.pretrain`.
     border_prob: probability that a view gets a synthetic tissue border (see
-        :func:`equiseg_wsi.training.augment.tissue_border`); 0 draws nothing, so older recipes reproduce exactly.
+        :func:`equiseg_wsi.training.augment.tissue_border`); 0.5 as in the recipe of the last self-supervised
+        packaged model (docs/model_card.md); 0 draws nothing, so older recipes reproduce exactly.
     """
 
     mode: str = "ssl"
     arch: str = "sre"
-    widths: tuple[int, ...] = (64, 128, 256, 512)
+    widths: tuple[int, ...] = DEFAULT_ARCH.widths
+    stem_kernel: int = DEFAULT_ARCH.stem_kernel
+    kernel_sizes: tuple[int, ...] = DEFAULT_ARCH.kernel_sizes
+    blocks: tuple[int, ...] = DEFAULT_ARCH.blocks
     tile: int = 64
     mpp_min: float = 1.0
     mpp_max: float = 2.5
@@ -61,7 +76,7 @@ class PretrainConfig:
     contrast: float = 0.1
     blur_prob: float = 0.5
     blur_max_px: float = 1.0
-    border_prob: float = 0.0
+    border_prob: float = 0.5
     tissue_mpp: float = 8.0
     region: tuple[float, float, float, float] | None = None
     seed: int = 0
@@ -93,13 +108,18 @@ class PretrainConfig:
             raise InputError(f"dense_loss must be one of {DENSE_LOSSES}, got {self.dense_loss!r}")
         if self.region is not None and (len(self.region) != 4 or self.region[2] <= 0 or self.region[3] <= 0):
             raise InputError(f"region must be x, y, w, h with positive w and h, got {self.region}")
+        if not len(self.widths) == len(self.kernel_sizes) == len(self.blocks) or min(self.widths, default=0) < 1:
+            raise InputError(f"widths {self.widths}, kernel_sizes {self.kernel_sizes} and blocks {self.blocks} must "
+                             "give every stage a positive width")
 
     def arch_spec(self, num_classes: int = 0) -> ArchSpec:
-        return ArchSpec(kind=self.arch, widths=tuple(self.widths), num_classes=num_classes)
+        return ArchSpec(kind=self.arch, widths=tuple(self.widths), stem_kernel=self.stem_kernel,
+                        kernel_sizes=tuple(self.kernel_sizes), blocks=tuple(self.blocks), num_classes=num_classes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["widths"] = list(self.widths)
+        for key in ("widths", "kernel_sizes", "blocks"):
+            d[key] = list(getattr(self, key))
         d["region"] = list(self.region) if self.region is not None else None
         return d
 
@@ -109,7 +129,12 @@ class PretrainConfig:
         kw.setdefault("dense_weight", 0.0)  # files written before the dense term trained without it
         kw.setdefault("dense_loss", "infonce")
         kw.setdefault("border_prob", 0.0)  # files written before the border augmentation trained without it
-        kw["widths"] = tuple(kw["widths"])
+        # files written before the layout was an option trained the published SRE-ResNet-18 layout
+        kw.setdefault("stem_kernel", _RESNET18.stem_kernel)
+        kw.setdefault("kernel_sizes", _RESNET18.kernel_sizes)
+        kw.setdefault("blocks", _RESNET18.blocks)
+        for key in ("widths", "kernel_sizes", "blocks"):
+            kw[key] = tuple(kw[key])
         kw["region"] = tuple(kw["region"]) if kw.get("region") is not None else None
         return cls(**kw)
 

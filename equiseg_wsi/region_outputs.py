@@ -1,0 +1,209 @@
+"""One slide's regions, segmented and turned into outputs: biomarker rows, QuPath annotations, pictures.
+
+A slide of several regions (a TMA's cores) saves each finished region in `OUT/<slide>/.equiseg-regions/`, so an
+interrupted slide is resumed per region; the runner (`equiseg_wsi.runner`) removes them once the slide is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from equiseg_wsi.biomarkers import compute_biomarkers, segment_measurements
+from equiseg_wsi.cluster import ClusterModel
+from equiseg_wsi.errors import NoTissueError
+from equiseg_wsi.export.atomic import atomic_write_text
+from equiseg_wsi.export.cluster_key import exemplar_records
+from equiseg_wsi.export.geojson import cluster_color, cluster_names, object_id, qupath_feature
+from equiseg_wsi.export.overlay import label_image, render_overlay, save_png
+from equiseg_wsi.inputs import SlideSource
+from equiseg_wsi.options import RunOptions
+from equiseg_wsi.polygons import GridPlacement, label_map_to_polygons, tissue_outline
+from equiseg_wsi.progress import ProgressCallback
+from equiseg_wsi.regions import Failures, SlideRegions
+from equiseg_wsi.segment import Extractor, FeatureCache, RegionSegmentation, segment_region
+from equiseg_wsi.slide import Slide
+from equiseg_wsi.slide_result import SlideResult
+
+REGION_RECORDS = ".equiseg-regions"  # in a slide's folder: its finished regions, until the slide is complete
+OVERLAY_MAX_SIDE = 1600  # px; overlays of large regions are drawn at a coarser resolution
+
+
+def json_default(obj: Any) -> Any:
+    """JSON for NumPy scalars and paths (records, the manifest)."""
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+@dataclass
+class SlideOutputs:
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+    pictures: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class _RegionPart:
+    """One region's share of its slide's outputs; saved as it is finished, so an interrupted slide of many
+    regions (a TMA) is resumed per region (see `REGION_RECORDS`)."""
+
+    region: str
+    warnings: list[str] = field(default_factory=list)
+    row: dict[str, Any] | None = None  # the biomarker row; None when the region failed
+    tissue_area_mm2: float = 0.0
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+    pictures: list[str] = field(default_factory=list)  # file names in the slide's folder
+    error: str | None = None
+    run_key: dict[str, str] = field(default_factory=dict)
+    exemplars: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _region_record(folder: Path, region: str) -> Path:
+    return folder / REGION_RECORDS / f"{region}.json"
+
+
+def _load_region_part(folder: Path, region: str, key: dict[str, str]) -> _RegionPart | None:
+    """A region finished by an interrupted run with the same run key, its pictures still there; else None."""
+    try:
+        part = _RegionPart(**json.loads(_region_record(folder, region).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    if part.region != region or part.run_key != key or not all((folder / p).is_file() for p in part.pictures):
+        return None
+    return part
+
+
+def _save_region_part(folder: Path, part: _RegionPart) -> None:
+    text = json.dumps(asdict(part), separators=(",", ":"), default=json_default) + "\n"
+    atomic_write_text(_region_record(folder, part.region), text, fsync=False)
+
+
+def segment_regions(
+    slide: Slide, source: SlideSource, found: SlideRegions, folder: Path, extractor: Extractor,
+    options: RunOptions, model: ClusterModel | None, progress: ProgressCallback, result: SlideResult,
+    scratch: Path, cache: FeatureCache | None = None,
+) -> SlideOutputs:
+    """Segment each region; a region that fails (e.g. too little tissue for K clusters) is recorded and the
+    slide's other regions go on. Raises when no region could be segmented.
+
+    A slide of several regions saves each finished region (`REGION_RECORDS`); a rerun after an interruption
+    takes the regions finished with the same run key from there (not with `overwrite`) and redoes the rest."""
+    offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
+    k = model.k if model is not None else options.segment.n_clusters
+    out = SlideOutputs()
+    failures = Failures()
+    t_features = 0.0
+    per_region = len(found.areas) > 1
+    for area in found.areas:
+        part = _load_region_part(folder, area.name, result.run_key) if per_region and not options.overwrite else None
+        if part is None:
+            t1 = time.perf_counter()
+            part = _RegionPart(area.name, run_key=result.run_key)
+            with failures.catch(source.name, area.name):
+                seg = segment_region(slide, area, extractor, options.segment, model=model, progress=progress,
+                                     scratch_dir=scratch, cache=cache)
+                t_features += time.perf_counter() - t1
+                for stage, secs in seg.seconds.items():
+                    result.seconds[stage] = round(result.seconds.get(stage, 0.0) + secs, 3)
+                t1 = time.perf_counter()
+                part.warnings = list(seg.warnings)
+                row = compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um,
+                                         region_identity(source, found, area.name, options))
+                part.tissue_area_mm2 = float((seg.labels > 0).sum()) * seg.cell_um**2 / 1e6
+                names = cluster_names(k, options.cluster_names)
+                part.annotations = _region_annotations(source, seg, names, offset, options.simplify_cells)
+                part.pictures = [p.name for p in _region_pictures(slide, folder, seg, names)]
+                part.exemplars = exemplar_records(area.name, seg.exemplars, slide.mpp)
+                part.row = row
+                result.seconds["export"] = round(result.seconds.get("export", 0.0) + time.perf_counter() - t1, 3)
+            if part.row is None:
+                part.error = next(f.error for f in failures if f.region == area.name)
+            if per_region:
+                _save_region_part(folder, part)
+        elif part.error is not None:
+            failures.add(source.name, area.name, part.error)
+        result.warnings.extend(part.warnings)
+        if part.row is not None:
+            result.regions.append(part.row)
+            result.tissue_area_mm2 += part.tissue_area_mm2
+            out.annotations.extend(part.annotations)
+            out.pictures.extend(folder / p for p in part.pictures)
+            result.exemplars.extend(part.exemplars)
+    result.failed_regions = {f.region: f.error for f in failures}
+    if not result.regions:
+        reasons = "; ".join(f"{f.region}: {f.error}" for f in failures)
+        raise NoTissueError(f"{source.path}: no region could be segmented ({reasons})")
+    result.seconds["segment"] = round(t_features, 3)
+    return out
+
+
+def region_identity(source: SlideSource, found: SlideRegions, region: str, options: RunOptions) -> dict[str, Any]:
+    """The biomarker row's identity columns."""
+    identity: dict[str, Any] = {"slide": source.slide, "region": region, "source_path": str(source.path),
+                                "case_id": source.case_id}
+    if found.grid is not None:  # 1-based like the cores CSV
+        core = found.grid.core(region)
+        identity.update(grid_row=core.row + 1, grid_column=core.col + 1,
+                        case_id=options.case_ids.get(region, source.case_id))
+    return identity
+
+
+def _region_annotations(
+    source: SlideSource, seg: RegionSegmentation, names: Sequence[str], offset: tuple[int, int], simplify_cells: float
+) -> list[dict[str, Any]]:
+    """QuPath annotations: the region outline, then one classified MultiPolygon per cluster."""
+    placement = GridPlacement(seg.x0 - offset[0], seg.y0 - offset[1], seg.cell_level0)
+    polygons = label_map_to_polygons(seg.labels, placement, simplify_cells)
+    outline = tissue_outline(seg.labels, placement, simplify_cells, polygons=polygons)
+    measurements = segment_measurements(seg.labels, len(names), seg.cell_um)
+    tissue_um2 = float((seg.labels > 0).sum()) * seg.cell_um**2
+    meta = {"slide": source.slide, "region": seg.name, "source": source.path.name}
+    out = [qupath_feature(
+        outline, object_id=object_id(source.name, seg.name), name=seg.name,
+        measurements={"Tissue area µm^2": tissue_um2}, metadata=meta, locked=True,
+    )]
+    for cluster, geom in polygons.items():
+        m = measurements[cluster]
+        out.append(qupath_feature(
+            geom, object_id=object_id(source.name, seg.name, cluster), name=f"{seg.name} {names[cluster - 1]}",
+            class_name=names[cluster - 1], color=cluster_color(cluster - 1),
+            measurements={"Area µm^2": m["area_um2"], "Fraction of region": m["fraction_of_region"],
+                          "Components": m["n_components"]},
+            metadata={**meta, "cluster": str(cluster)},
+        ))
+    return out
+
+
+def label_map_placement(seg: RegionSegmentation) -> dict[str, str]:
+    """Where a label PNG lies on the slide (its tEXt chunks): label pixel (r, c) covers level-0 px
+    [x0 + c*cell, x0 + (c+1)*cell) x [y0 + r*cell, y0 + (r+1)*cell) of the slide as read (before any OpenSlide
+    bounds offset), and one pixel is cell_um µm wide."""
+    return {"equiseg:x0_level0": repr(float(seg.x0)), "equiseg:y0_level0": repr(float(seg.y0)),
+            "equiseg:cell_level0": repr(float(seg.cell_level0)), "equiseg:cell_um": repr(float(seg.cell_um))}
+
+
+def _region_pictures(slide: Slide, folder: Path, seg: RegionSegmentation, names: Sequence[str]) -> list[Path]:
+    """Overlay PNG (tissue + translucent segments + legend) and the label map as a palette PNG."""
+    colors = [cluster_color(i) for i in range(len(names))]
+    h, w = seg.labels.shape
+    extent = max(h, w) * seg.cell_level0 * slide.mpp  # µm
+    mpp = max(extent / OVERLAY_MAX_SIDE, seg.cell_um / 8, slide.mpp)  # never finer than the scan
+    scale = mpp / slide.mpp
+    width = max(1, round(w * seg.cell_level0 / scale))
+    height = max(1, round(h * seg.cell_level0 / scale))
+    rgb = slide.read_region(seg.x0, seg.y0, width, height, mpp)
+    overlay = folder / f"{seg.name}_overlay.png"
+    save_png(overlay, render_overlay(rgb, seg.labels, colors, names, title=seg.name))
+    labels = folder / f"{seg.name}_labels.png"
+    save_png(labels, label_image(seg.labels, colors), text=label_map_placement(seg))
+    return [overlay, labels]
+
+

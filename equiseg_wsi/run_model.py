@@ -1,0 +1,158 @@
+"""One KMeans for many regions: the run-wide (default) and per-slide clustering modes, and `equiseg fit`.
+
+Why: with a KMeans per region, "Cluster 1" is only the darkest cluster of each core, so biomarker columns of two
+cores are not comparable (on the sample cores, Cluster 1's mean optical density ranged 0.19-0.40). One model
+fitted on cells sampled from every region (each region offers `n_samples` interior tissue cells, drawn with a
+generator seeded from the run seed and the region's name) and applied to all makes Cluster i the same tissue
+type everywhere. Features are computed once: the fit stores each region's features in a `FeatureCache`, and the
+segmentation that follows reads them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from equiseg_wsi.cluster import ClusterModel, fit_kmeans, optical_density
+from equiseg_wsi.errors import InputError
+from equiseg_wsi.export.atomic import atomic_write_text
+from equiseg_wsi.features import build_extractor
+from equiseg_wsi.inputs import SlideSource
+from equiseg_wsi.options import RunJob
+from equiseg_wsi.progress import ProgressCallback, no_progress
+from equiseg_wsi.regions import Failures, each_region
+from equiseg_wsi.run_key import file_digest, options_digest
+from equiseg_wsi.sampling import CohortSampler
+from equiseg_wsi.segment import FeatureCache, fit_cells, region_features
+
+__all__ = ["FIT_ROWS_CAP", "RUN_MODEL", "discard_feature_cache", "fit_regions", "prepare_run"]
+
+FIT_ROWS_CAP = 50_000  # sampled cells a run-wide fit uses at most (a seeded subset beyond): KMeans stays cheap
+RUN_MODEL = "run-kmeans.npz"  # the run-wide model in the output folder (apply it elsewhere with --kmeans-model)
+FEATURE_CACHE = ".equiseg-features"  # region features between the fit and the segmentation, removed as used
+_ROWS_PER_CHUNK = 64  # feature-map rows fed to the sampler at a time (bounded memory for memory-mapped maps)
+
+
+def fit_regions(
+    sources: Sequence[SlideSource],
+    job: RunJob,
+    *,
+    n_init: int = 10,
+    cache: FeatureCache | None = None,
+    on_region: Callable[[str], None] | None = None,
+    progress: ProgressCallback = no_progress,
+    seconds: dict[str, float] | None = None,
+) -> tuple[ClusterModel, Failures]:
+    """Fit one KMeans on `n_samples` interior tissue cells (`segment.fit_cells`) from every region of `sources`.
+
+    Regions are found as `equiseg run` finds them; features are streamed region by region (and kept in `cache`
+    when given); at most `FIT_ROWS_CAP` of the sampled rows are fitted on (a seeded subset). Regions that fail
+    are returned as failures; raises InputError when no tissue cell was sampled at all. `seconds`, when given,
+    receives the time spent per stage: opening slides and finding regions, reading tiles, the network, the fit."""
+    times = seconds if seconds is not None else {}
+    for stage in ("regions", "read", "cnn", "kmeans"):
+        times.setdefault(stage, 0.0)
+    clock = time.perf_counter()
+    seg = job.options.segment
+    extractor = build_extractor(job.spec)
+    sampler = CohortSampler(seg.n_samples, seg.seed)
+    failures = Failures()
+    for item in each_region(sources, job.options.regions, failures, on_region=on_region):
+        times["regions"] += time.perf_counter() - clock
+        with failures.catch(item.source.name, item.area.name):
+            with region_features(item.slide, item.area, extractor, seg, progress=progress, cache=cache) as rf:
+                _feed(sampler, item.key, rf.features, fit_cells(rf.tissue, seg.n_clusters), rf.rgb)
+                times["read"] += rf.seconds.get("read", 0.0)
+                times["cnn"] += rf.seconds.get("cnn", 0.0)
+        clock = time.perf_counter()
+    if not sampler.sources:
+        reasons = "; ".join(f.error for f in failures) or "no inputs"
+        raise InputError(f"no tissue cells to fit on ({reasons})")
+    features, od, _ = sampler.result()
+    if features.shape[0] > FIT_ROWS_CAP:
+        keep = np.sort(np.random.default_rng(seg.seed).choice(features.shape[0], FIT_ROWS_CAP, replace=False))
+        features, od = features[keep], od[keep]
+    clock = time.perf_counter()
+    model = fit_kmeans(features, od, seg.n_clusters, seg.seed, n_init=n_init,
+                       feature_identity=extractor.feature_identity.as_dict(), sources=sampler.sources)
+    times["kmeans"] += time.perf_counter() - clock
+    for stage in times:
+        times[stage] = round(times[stage], 3)
+    return model, failures
+
+
+def _feed(sampler: CohortSampler, name: str, features: np.ndarray, cells: np.ndarray, rgb: np.ndarray) -> None:
+    """Offer a region's fit cells to the sampler a band of rows at a time (never the whole map in RAM)."""
+    for r0 in range(0, cells.shape[0], _ROWS_PER_CHUNK):
+        band = slice(r0, r0 + _ROWS_PER_CHUNK)
+        mask = cells[band]
+        if mask.any():
+            sampler.feed(name, np.asarray(features[band])[mask], optical_density(rgb[band])[mask])
+
+
+def _fit_key(sources: Sequence[SlideSource], job: RunJob) -> str:
+    """What the run-wide model depends on: every input file (path, size, time), the options and the model."""
+    files = []
+    for s in sources:
+        try:
+            st = Path(s.path).stat()
+            files.append([str(Path(s.path).resolve()), s.name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            files.append([str(s.path), s.name])
+    extractor = build_extractor(job.spec)
+    text = json.dumps({"files": files, "options": options_digest(job.options),
+                       "features": extractor.feature_identity.as_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def prepare_run(
+    sources: Sequence[SlideSource],
+    job: RunJob,
+    out_dir: Path,
+    *,
+    on_region: Callable[[str], None] | None = None,
+    progress: ProgressCallback = no_progress,
+) -> tuple[RunJob, Failures, dict[str, float]]:
+    """The job every slide of the run is segmented with, for the run's clustering mode, and the seconds per stage
+    of the run-wide fit (empty when nothing was fitted here).
+
+    `run` (without a given --kmeans-model): one model fitted on every region of every input, written to
+    `OUT/run-kmeans.npz` with the key of what it was fitted on (`.json` beside it); a rerun with the same
+    inputs, options and model reuses it without computing anything, so finished slides stay finished. `slide`:
+    each slide fits its own model when it is segmented (`runner`). `region`: one model per region. The
+    feature cache is set for `run` and `slide` so features are computed once."""
+    mode = job.options.clustering
+    if mode == "region" or job.kmeans_model is not None:
+        return job, Failures(), {}
+    cache = str(out_dir / FEATURE_CACHE)
+    if mode == "slide":
+        return replace(job, feature_cache=cache), Failures(), {}
+    model_path, key_path = out_dir / RUN_MODEL, out_dir / (RUN_MODEL[: -len(".npz")] + ".json")
+    key = _fit_key(sources, job)
+    try:
+        recorded = json.loads(key_path.read_text(encoding="utf-8"))
+        reuse = (recorded.get("fit_key") == key and model_path.is_file()
+                 and recorded.get("model_sha256") == file_digest(str(model_path)))
+    except (OSError, ValueError, AttributeError):
+        reuse = False
+    failures = Failures()
+    seconds: dict[str, float] = {}
+    if not reuse or job.options.overwrite:
+        model, failures = fit_regions(sources, job, cache=FeatureCache(cache), on_region=on_region,
+                                      progress=progress, seconds=seconds)
+        model.save(model_path)
+        atomic_write_text(key_path, json.dumps({"fit_key": key, "model_sha256": file_digest(str(model_path)),
+                                                "regions": len(model.sources), "seconds": seconds}, indent=1) + "\n")
+    return replace(job, kmeans_model=str(model_path), feature_cache=cache), failures, seconds
+
+
+def discard_feature_cache(out_dir: Path) -> None:
+    """Remove what is left of the run's feature cache (regions that failed after their features were cached)."""
+    shutil.rmtree(out_dir / FEATURE_CACHE, ignore_errors=True)

@@ -1,0 +1,64 @@
+"""SIGTERM, SIGHUP and Ctrl-C stop a run cleanly: one line on stderr, a manifest and table of what completed,
+no temporaries or scratch left, a non-zero exit (128 + signal number); a rerun resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORES = REPO / "sample_data" / "cores"
+FAST = ["--target-mpp", "4", "--tile-size", "128", "--device", "cpu", "--mpp", "0.5", "-q"]
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+
+@pytest.fixture
+def cores(tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(8):
+        shutil.copy(CORES / f"slide00{1 + i % 2}_core00{1 + (i // 2) % 2}.jpg", folder / f"c{i}.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM), signal.SIGINT])
+def test_signal_stops_the_run_and_records_what_completed(cores: Path, tmp_path: Path, signum: int) -> None:
+    out, tmpdir = tmp_path / "out", tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir)}
+    cmd = [sys.executable, "-m", "equiseg_cli.main", "run", str(cores), "-o", str(out), *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not any(out.glob("*/slide.json")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err
+    lines = [line for line in err.splitlines() if line and not line.startswith("Warning:")]
+    assert len(lines) == 1 and name in lines[0] and "manifest.json" in lines[0], err
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    complete = {p.parent.name for p in out.glob("*/slide.json")}
+    status = {s["name"]: s["status"] for s in manifest["slides"]}
+    assert len(status) == 8 and {n for n, s in status.items() if s == "done"} == complete
+    assert set(status.values()) == {"done", "stopped"}
+    assert manifest["stopped"] == name and manifest["summary"]["done"] == len(complete)
+    with open(out / "biomarkers.csv", newline="", encoding="utf-8") as fh:
+        assert len(list(csv.DictReader(fh))) == len(complete)
+    assert not list(out.rglob(".tmp-*")) and not list(tmpdir.iterdir())
+    area = out / ".equiseg-tmp"
+    assert not area.exists() or not list(area.iterdir())
+    rerun = subprocess.run(cmd[:-1], capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(complete)} skipped" in rerun.stderr
