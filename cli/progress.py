@@ -18,6 +18,8 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from equiseg_wsi.biomarkers import is_measured
+
 HEARTBEAT_S = 60.0
 
 
@@ -188,7 +190,7 @@ def slide_outcome(result: Any) -> str:
         return "skipped (already complete)"
     if status == "failed":
         return f"failed: {getattr(result, 'error', '') or 'unknown error'}"
-    regions = len(getattr(result, "regions", []) or [])
+    regions = sum(is_measured(row) for row in getattr(result, "regions", []) or [])  # not missing TMA cores
     seconds = (getattr(result, "seconds", {}) or {}).get("total")
     took = f", {_duration(float(seconds))}" if seconds is not None else ""
     warned = len(getattr(result, "warnings", []) or [])

@@ -165,11 +165,12 @@ def _report(report: RunReport, quiet: bool, started: float, out_dir: Path) -> No
     manifest = report.manifest
     assert manifest is not None
     if not quiet:
+        from equiseg_wsi.biomarkers import is_measured
         from equiseg_wsi.run_key import redo_summary
 
         done = sum(r.status == "done" for r in results)
         skipped = sum(r.status == "skipped" for r in results)
-        regions = sum(len(r.regions) for r in results)
+        regions = sum(is_measured(row) for r in results for row in r.regions)  # not the missing TMA cores' rows
         redone = redo_summary(r.redone for r in results if r.status == "done")
         click.echo(
             f"{done} slide(s) done, {skipped} skipped (already complete), {len(failed)} failed; "

@@ -202,3 +202,16 @@ def test_tma_slide_is_processed_per_core(tmp_path: Path) -> None:
     qptma = (out / "tma_3x4" / "tma_3x4.qptma").read_text().splitlines()
     assert qptma[0] == "TMA grid width: 4" and qptma[1] == "TMA grid height: 3"
     assert any(line.startswith("A-1\t") and line.endswith("\tpatient-7") for line in qptma)
+
+
+def test_summary_counts_measured_regions_not_missing_cores(tmp_path: Path) -> None:
+    """The final line and the per-slide log line count the 10 present cores, not the 2 missing cores' rows."""
+    from click.testing import CliRunner
+
+    from equiseg_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["run", str(REPO / "sample_data" / "tma" / "tma_3x4.svs"), "-o",
+                                      str(tmp_path / "out"), "--target-mpp", "5", "--tile-size", "128",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "; 10 region(s);" in result.output and "done (10 region(s)" in result.output, result.output
