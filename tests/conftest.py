@@ -10,6 +10,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SVS = REPO / "sample_data" / "CMU-1-Small-Region.svs"
 SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE_CORES = REPO / "sample_data" / "cores"
+
+
+def copy_sample_cores(folder: Path, n: int, name: str = "c{i}.jpg") -> Path:
+    """`n` copies of the four sample core JPEGs (cycled) in `folder`, named by `name`: inputs for runs that need
+    several slides (kill, signal, lock tests)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        shutil.copy(SAMPLE_CORES / f"slide00{1 + i % 2}_core00{1 + (i // 2) % 2}.jpg", folder / name.format(i=i))
+    return folder
 
 
 @pytest.fixture(scope="session")

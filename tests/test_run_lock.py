@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import copy_sample_cores
 
 REPO = Path(__file__).resolve().parents[1]
-CORES = REPO / "sample_data" / "cores"
 FAST = ["--target-mpp", "4", "--tile-size", "128", "--device", "cpu", "--mpp", "0.5", "-q"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -34,10 +33,8 @@ def _wait_for(predicate: object, proc: subprocess.Popen[bytes], seconds: float =
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_second_run_on_the_same_folder_fails_at_once(tmp_path: Path) -> None:
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(20):  # more work than the check needs: the first run is stopped once it is done
-        shutil.copy(CORES / f"slide00{1 + i % 2}_core00{1 + (i // 2) % 2}.jpg", inputs / f"c{i:02d}.jpg")
+    # more work than the check needs: the first run is stopped once it is done
+    inputs = copy_sample_cores(tmp_path / "in", 20, "c{i:02d}.jpg")
     out = tmp_path / "out"
     first = subprocess.Popen(_cmd(inputs, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     try:

@@ -4,7 +4,6 @@ removed when the region is done, and what a killed run left there is removed by 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import copy_sample_cores
 
 from equiseg_cli.main import cli
 
 REPO = Path(__file__).resolve().parents[1]
-CORES = REPO / "sample_data" / "cores"
 FAST = ["--target-mpp", "4", "--tile-size", "128", "--device", "cpu", "--mpp", "0.5", "-q"]
 # every region's features go to a scratch file, however small
 ALWAYS_SCRATCH = ("import sys, equiseg_wsi.segment as s; s.IN_MEMORY_FEATURE_BYTES = 0; "
@@ -26,11 +25,7 @@ ALWAYS_SCRATCH = ("import sys, equiseg_wsi.segment as s; s.IN_MEMORY_FEATURE_BYT
 
 @pytest.fixture
 def cores(tmp_path: Path) -> Path:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(6):
-        shutil.copy(CORES / f"slide00{1 + i % 2}_core00{1 + (i // 2) % 2}.jpg", folder / f"c{i}.jpg")
-    return folder
+    return copy_sample_cores(tmp_path / "in", 6)
 
 
 def _scratch_files(*roots: Path) -> list[Path]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import copy_sample_cores
 
 REPO = Path(__file__).resolve().parents[1]
-CORES = REPO / "sample_data" / "cores"
 FAST = ["--target-mpp", "4", "--tile-size", "128", "--device", "cpu", "--mpp", "0.5", "-q"]
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -24,11 +23,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 @pytest.fixture
 def cores(tmp_path: Path) -> Path:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(8):
-        shutil.copy(CORES / f"slide00{1 + i % 2}_core00{1 + (i // 2) % 2}.jpg", folder / f"c{i}.jpg")
-    return folder
+    return copy_sample_cores(tmp_path / "in", 8)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM), signal.SIGINT])
