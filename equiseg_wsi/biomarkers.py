@@ -71,9 +71,11 @@ COLUMN_DOCS: dict[str, str] = {
     "case_id": "Case / patient id from the manifest (empty when not given).",
     "n_clusters": "Number of clusters K of the segmentation.",
     "cell_size_um": "Side of one label-map cell in µm (a cell covers cell_size_um² µm²).",
-    "tissue_area_um2": "Tissue area (all cells with a cluster label) in µm².",
+    "tissue_area_um2": ("Tissue area (all cells with a cluster label, cut to the region inside the image) in µm²: "
+                        "the area of the GeoJSON segments."),
     "entropy_bits": "Shannon entropy of the cluster fractions in bits (0 = one cluster; log2 K = all equal).",
-    "c{i}_area_um2": "Area of cluster i in µm².",
+    "c{i}_area_um2": ("Area of cluster i in µm² (cells at the image edge count by their part inside, as the clipped "
+                      "polygons do)."),
     "c{i}_fraction": "Fraction of the tissue area in cluster i (the K fractions sum to 1; 0 without tissue).",
     "c{i}_n_components": "Number of 4-connected pieces of cluster i.",
     "c{i}_mean_component_area_um2": "Mean area of a piece of cluster i in µm² (0 when absent).",
@@ -177,16 +179,27 @@ def _components(lab: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def segment_measurements(labels: np.ndarray, k: int, cell_um: float) -> dict[int, dict[str, float]]:
+def _coverage(coverage: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if coverage is None:
+        return None
+    cov = np.asarray(coverage, dtype=np.float64)
+    if cov.shape != shape or not np.all((cov >= 0) & (cov <= 1)):
+        raise InputError(f"cell coverage must be shares in 0..1 of the label map's shape {shape}, got {cov.shape}")
+    return cov.ravel()
+
+
+def segment_measurements(
+    labels: np.ndarray, k: int, cell_um: float, coverage: np.ndarray | None = None
+) -> dict[int, dict[str, float]]:
     """Per cluster 1..K the QuPath measurements of its segment: flat ``{name: finite float}``.
 
     Names: ``area_um2``, ``fraction_of_region`` (of the region's tissue), ``n_components``. Absent clusters
-    get zeros, so every cluster has the same keys.
+    get zeros, so every cluster has the same keys. ``coverage`` (see `compute_biomarkers`) weighs cell areas.
     """
     lab = _check_labels(labels, k)
     cell = _check_cell(cell_um)
-    counts = np.bincount(lab.ravel(), minlength=k + 1)
-    tissue = int(counts[1:].sum())
+    counts = np.bincount(lab.ravel(), weights=_coverage(coverage, lab.shape), minlength=k + 1)
+    tissue = float(counts[1:].sum())
     comps = _components(lab, k)
     out: dict[int, dict[str, float]] = {}
     for i in range(1, k + 1):
@@ -198,9 +211,9 @@ def segment_measurements(labels: np.ndarray, k: int, cell_um: float) -> dict[int
     return out
 
 
-def _mean(total: float, n: int) -> float:
-    """Mean of ``n`` values summing to ``total``; 0 for an empty cluster (documented, keeps CSVs finite)."""
-    return float(total / n) if n else 0.0
+def _mean(total: float, n: float) -> float:
+    """Mean of values of total weight ``n`` summing to ``total``; 0 for an empty cluster (keeps CSVs finite)."""
+    return float(total / n) if n > 0 else 0.0
 
 
 def _identity_values(identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -234,12 +247,16 @@ def compute_biomarkers(
     k: int,
     cell_um: float,
     identity: Mapping[str, Any],
+    coverage: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """One CSV row for one region: identity columns, then the biomarkers of :data:`COLUMN_DOCS`.
 
     ``labels`` (h, w) int with 0 = background and 1..K clusters; ``rgb`` (h, w, 3) uint8 on the same grid;
     ``cell_um`` the side of a label cell in µm; ``identity`` with keys among :data:`IDENTITY_COLUMNS`
-    (missing ones are written empty). Returns an ordered dict in :func:`biomarker_columns` order.
+    (missing ones are written empty). ``coverage`` (h, w): the share of each cell inside the region
+    (`polygons.cell_coverage`; cells sticking out of the image count by their part inside), so that areas and
+    fractions equal those of the clipped polygons; means are weighted the same way. Returns an ordered dict in
+    :func:`biomarker_columns` order.
     """
     lab = _check_labels(labels, k)
     cell = _check_cell(cell_um)
@@ -250,15 +267,17 @@ def compute_biomarkers(
     area_px = cell * cell
 
     flat = lab.ravel()
-    counts = np.bincount(flat, minlength=k + 1)
-    tissue = int(counts[1:].sum())
+    cov = _coverage(coverage, lab.shape)
+    weight = np.ones(flat.size) if cov is None else cov
+    counts = np.bincount(flat, weights=weight, minlength=k + 1)
+    tissue = float(counts[1:].sum())
     fractions = counts[1:] / tissue if tissue else np.zeros(k)
     comps = _components(lab, k)
     per_edges, pair_edges = _edges(lab, k)
     od = optical_density(img).astype(np.float64).ravel()
-    colour_sums = [np.bincount(flat, weights=img[..., c].astype(np.float64).ravel(), minlength=k + 1)
+    colour_sums = [np.bincount(flat, weights=img[..., c].astype(np.float64).ravel() * weight, minlength=k + 1)
                    for c in range(3)]
-    od_sums = np.bincount(flat, weights=od, minlength=k + 1)
+    od_sums = np.bincount(flat, weights=od * weight, minlength=k + 1)
 
     row: dict[str, Any] = _identity_values(identity)
     row["n_clusters"] = int(k)
@@ -268,7 +287,7 @@ def compute_biomarkers(
     row["entropy_bits"] = float(-(nz * np.log2(nz)).sum()) + 0.0 if nz.size else 0.0
 
     for i in range(1, k + 1):
-        n = int(counts[i])
+        n = float(counts[i])  # cells, each counted by its share inside the region
         area = n * area_px
         perim = float(per_edges[i] * cell)
         row[f"c{i}_area_um2"] = float(area)
@@ -276,7 +295,7 @@ def compute_biomarkers(
         row[f"c{i}_n_components"] = int(comps[i])
         row[f"c{i}_mean_component_area_um2"] = float(area / comps[i]) if comps[i] else 0.0
         row[f"c{i}_perimeter_um"] = perim
-        row[f"c{i}_fragmentation"] = float(perim * perim / area) if n else 0.0
+        row[f"c{i}_fragmentation"] = float(perim * perim / area) if n > 0 else 0.0
         row[f"c{i}_mean_r"] = _mean(colour_sums[0][i], n)
         row[f"c{i}_mean_g"] = _mean(colour_sums[1][i], n)
         row[f"c{i}_mean_b"] = _mean(colour_sums[2][i], n)

@@ -44,6 +44,7 @@ __all__ = [
     "SNAP_GRID",
     "GridPlacement",
     "PolygonError",
+    "cell_coverage",
     "label_map_to_polygons",
     "polygon_vertex_count",
     "remove_small_segments",
@@ -93,6 +94,30 @@ class GridPlacement:
         """Level-0 (minx, miny, maxx, maxy) of a label map of the given (H, W) shape."""
         h, w = shape
         return self.x0, self.y0, self.x0 + w * self.cell, self.y0 + h * self.cell
+
+
+Box = tuple[float, float, float, float]  # level-0 (minx, miny, maxx, maxy)
+
+
+def _overlap_1d(start: float, cell: float, n: int, lo: float, hi: float) -> np.ndarray:
+    edges = start + cell * np.arange(n + 1, dtype=np.float64)
+    share = np.clip((np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo)) / cell, 0.0, 1.0)
+    share[(edges[:-1] >= lo) & (edges[1:] <= hi)] = 1.0  # exactly: whole cells keep integer areas
+    return share
+
+
+def cell_coverage(shape: tuple[int, int], placement: GridPlacement, clip: Box | None) -> np.ndarray:
+    """Share of each label cell's area that lies inside `clip` (float64, 1.0 everywhere without a clip).
+
+    Why: a region rarely ends on a cell edge, so its last row and column of cells stick out of the image; the
+    exported polygons are clipped to the region (`label_map_to_polygons(clip=...)`) and the areas in the tables
+    count each cell by this share, so both agree."""
+    h, w = shape
+    if clip is None:
+        return np.ones((h, w), dtype=np.float64)
+    wy = _overlap_1d(placement.y0, placement.cell, h, clip[1], clip[3])
+    wx = _overlap_1d(placement.x0, placement.cell, w, clip[0], clip[2])
+    return np.outer(wy, wx)
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
@@ -315,6 +340,7 @@ def label_map_to_polygons(
     *,
     simplify_boundary: bool = False,
     snap: bool = True,
+    clip: Box | None = None,
 ) -> dict[int, MultiPolygon]:
     """One MultiPolygon per label present (0 excluded), in level-0 pixels, valid after QuPath's snapping.
 
@@ -325,10 +351,16 @@ def label_map_to_polygons(
     tissue area outwards by about 1% on real tissue, so ``simplify_boundary=True`` trades area accuracy for
     about 40% fewer vertices. Run ``remove_small_segments`` first: one-cell fragments lose up to half their
     area when simplified. Holes are interior rings. ``snap=False`` returns the unsnapped geometries (exact
-    areas, for tests); keep the default for export. Keys are the sorted label ids.
+    areas, for tests); keep the default for export. Keys are the sorted label ids. ``clip`` (level-0 minx, miny,
+    maxx, maxy, in the placement's frame) cuts every segment to that box, e.g. the region inside the image; with
+    a tolerance of 0 each segment's area is then ``cell_coverage`` summed over its cells, times ``cell**2``.
     """
     arr = _check_labels(labels)
     cover = _to_level0(_cell_polygons(arr, simplify_tolerance, simplify_boundary), placement)
+    if clip is not None:
+        box = shapely.box(*clip)
+        cover = {k: g if box.covers(g) else _polygonal(shapely.intersection(g, box)) for k, g in cover.items()}
+        cover = {k: g for k, g in cover.items() if not g.is_empty}
     if not snap:
         return cover
     return {k: snap_valid(g) for k, g in cover.items()}

@@ -115,9 +115,10 @@ def segment_regions(
                     result.seconds[stage] = round(result.seconds.get(stage, 0.0) + secs, 3)
                 t1 = time.perf_counter()
                 part.warnings = list(seg.warnings)
+                coverage = seg.coverage()
                 row = compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um,
-                                         region_identity(source, found, area.name, options))
-                part.tissue_area_mm2 = float((seg.labels > 0).sum()) * seg.cell_um**2 / 1e6
+                                         region_identity(source, found, area.name, options), coverage)
+                part.tissue_area_mm2 = float(coverage[seg.labels > 0].sum()) * seg.cell_um**2 / 1e6
                 names = cluster_names(k, options.cluster_names)
                 part.annotations = _region_annotations(source, seg, names, offset, options.simplify_cells)
                 part.pictures = [p.name for p in _region_pictures(slide, folder, seg, names)]
@@ -161,10 +162,13 @@ def _region_annotations(
 ) -> list[dict[str, Any]]:
     """QuPath annotations: the region outline, then one classified MultiPolygon per cluster."""
     placement = GridPlacement(seg.x0 - offset[0], seg.y0 - offset[1], seg.cell_level0)
-    polygons = label_map_to_polygons(seg.labels, placement, simplify_cells)
+    clip = None if seg.clip is None else (seg.clip[0] - offset[0], seg.clip[1] - offset[1],
+                                          seg.clip[2] - offset[0], seg.clip[3] - offset[1])
+    polygons = label_map_to_polygons(seg.labels, placement, simplify_cells, clip=clip)
     outline = tissue_outline(seg.labels, placement, simplify_cells, polygons=polygons)
-    measurements = segment_measurements(seg.labels, len(names), seg.cell_um)
-    tissue_um2 = float((seg.labels > 0).sum()) * seg.cell_um**2
+    coverage = seg.coverage()
+    measurements = segment_measurements(seg.labels, len(names), seg.cell_um, coverage)
+    tissue_um2 = float(coverage[seg.labels > 0].sum()) * seg.cell_um**2
     meta = {"slide": source.slide, "region": seg.name, "source": source.path.name}
     out = [qupath_feature(
         outline, object_id=object_id(source.name, seg.name), name=seg.name,

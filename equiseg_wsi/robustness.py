@@ -335,7 +335,7 @@ def rotation_series(
             back = rotate_array(seg.labels, -angle, order=0, cval=0)
             ref = results[m.name][0].labels if results[m.name] else seg.labels
             metrics = compare_labels(ref, back)
-            row = compute_biomarkers(seg.labels, seg.rgb, seg.model.k, seg.cell_um, core.identity)
+            row = compute_biomarkers(seg.labels, seg.rgb, seg.model.k, seg.cell_um, core.identity, seg.coverage())
             results[m.name].append(AngleResult(angle, seg.labels, back, seg.rgb, metrics, row))
             progress(ai * len(models) + mi + 1, total, "segmentations")
     return [

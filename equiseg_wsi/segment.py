@@ -26,7 +26,7 @@ from equiseg_wsi.errors import InputError, NoTissueError, one_line
 from equiseg_wsi.export.cluster_key import exemplar_cells, exemplar_gap
 from equiseg_wsi.features import FeatureIdentity
 from equiseg_wsi.options import SegmentOptions
-from equiseg_wsi.polygons import remove_small_segments
+from equiseg_wsi.polygons import Box, GridPlacement, cell_coverage, remove_small_segments
 from equiseg_wsi.progress import ProgressCallback, no_progress
 from equiseg_wsi.refine import fine_factor, refine_region
 from equiseg_wsi.regions import RegionArea
@@ -67,11 +67,23 @@ class RegionSegmentation:
     cell_um: float
     model: ClusterModel
     n_tiles: int
+    clip: Box | None = None  # level-0 box the segments are cut to (the region inside the image); None: whole grid
     warnings: list[str] = field(default_factory=list)  # one line each: no structure, few cells, vanished clusters
     seconds: dict[str, float] = field(default_factory=dict)  # per stage (STAGES), for the manifest and benchmarks
     # per cluster, the few tissue cells nearest its centroid: (cluster id, squared distance, level-0 x, y of the
     # cell centre); the run's cluster key shows the tissue around them (equiseg_wsi.export.cluster_key)
     exemplars: list[tuple[int, float, float, float]] = field(default_factory=list)
+
+
+    def coverage(self) -> np.ndarray:
+        """Share of each label cell inside `clip`: the weights of the areas in the tables."""
+        return cell_coverage(self.labels.shape, GridPlacement(self.x0, self.y0, self.cell_level0), self.clip)
+
+
+def region_clip(slide: Slide, area: RegionArea) -> Box:
+    """The region's box inside the image: its cell grid ends on a whole cell, the segments end here."""
+    x, y, w, h = area.rect_level0
+    return max(x, 0.0), max(y, 0.0), min(x + w, float(slide.width)), min(y + h, float(slide.height))
 
 
 # Stages of one region, timed in `segment_region`: reading tiles (and the glass fill), the network, KMeans fit and
@@ -163,7 +175,10 @@ def _computed_features(slide: Slide, area: RegionArea, extractor: Extractor, opt
     cell = s * stride
     x0, y0, w, h = area.rect_level0
     gh, gw = max(1, math.ceil(h / cell - 1e-9)), max(1, math.ceil(w / cell - 1e-9))
-    tissue = cell_tissue_fraction(area.tissue, x0, y0, cell, (gh, gw)) >= options.min_cell_tissue
+    # a cell partly outside the region is judged by its part inside (it is exported clipped to that part)
+    inside = cell_coverage((gh, gw), GridPlacement(x0, y0, cell), region_clip(slide, area))
+    share = cell_tissue_fraction(area.tissue, x0, y0, cell, (gh, gw))
+    tissue = (inside > 0) & (share >= options.min_cell_tissue * inside)
     if not tissue.any():
         raise NoTissueError(f"region {area.name}: no tissue at {options.target_mpp} µm/px")
     rect = (x0, y0, gw * cell, gh * cell)
@@ -320,7 +335,7 @@ def segment_region(
     warnings = _flat_warning(flat) + _few_cells(area.name, int(rf.tissue.sum()), cell_um)
     labels = _merge_small(labels, options.min_segment_um2, cell_um)
     seg = RegionSegmentation(area.name, labels, rf.rgb, rf.x0, rf.y0, rf.cell_level0, cell_um, model, rf.n_tiles,
-                             exemplars=exemplars)
+                             clip=region_clip(slide, area), exemplars=exemplars)
     if options.refine == "colour":
         factor = fine_factor(extractor.stride, options.target_mpp, labels.size)
         fine, rgb = refine_region(slide, labels, area.tissue, rf.x0, rf.y0, rf.cell_level0, factor, model.k)
