@@ -5,7 +5,7 @@ and each executor (in-process, and a local Dask cluster with 2 workers), prints 
 of tissue and the peak resident memory of the run (each in a fresh process; for Dask, the largest process).
 A slide must stream: memory must not grow with slide size, and time should grow at most linearly with area.
 
-    python benchmarks/bench_run.py [--scales 1,4] [--executors local] [--target-mpp 2.5] [--keep DIR]
+    python benchmarks/bench_run.py [--scales 1,4] [--executors local] [--target-mpp 1.0] [--keep DIR]
     python benchmarks/bench_run.py --scales 1,4,16 --executors local,dask   # the issue's scaling table
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from equiseg_wsi.options import DEFAULT_TARGET_MPP
 from equiseg_wsi.slide import open_slide
 from equiseg_wsi.testing.slide_writer import write_aperio_pyramid
 
@@ -78,7 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", default="1,4", help="tissue-area factors, square numbers (default 1,4)")
     parser.add_argument("--executors", default="local", help="local and/or dask (2 local workers)")
-    parser.add_argument("--target-mpp", type=float, default=2.5, help="µm/px the model sees (run's default)")
+    parser.add_argument("--target-mpp", type=float, default=DEFAULT_TARGET_MPP,
+                        help=f"µm/px the model sees (default {DEFAULT_TARGET_MPP:g}, the product's)")
     parser.add_argument("--keep", type=Path, default=None, help="keep slides and outputs in this folder")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="equiseg-bench-"))

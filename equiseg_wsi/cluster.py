@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .blas import one_blas_thread
 from .errors import InputError, ModelMismatchError
 from .export.atomic import atomic_write_bytes
 from .kmeans import kmeans
@@ -169,6 +170,13 @@ class ClusterModel:
         c_sq = np.einsum("kc,kc->k", c, c)
         c_t = np.ascontiguousarray(c.T)  # matmul with the transposed view is many times slower
         step = max(1, int(chunk))
+        with one_blas_thread():
+            self._assign(flat, idx, n, step, c_sq, c_t, out)
+        return out.reshape(lead)
+
+    @staticmethod
+    def _assign(flat: np.ndarray, idx: np.ndarray | None, n: int, step: int, c_sq: np.ndarray, c_t: np.ndarray,
+                out: np.ndarray) -> None:
         for start in range(0, n, step):
             sel = slice(start, min(start + step, n))
             rows = flat[sel] if idx is None else flat[idx[sel]]
@@ -179,7 +187,6 @@ class ClusterModel:
                 out[sel] = lab
             else:
                 out[idx[sel]] = lab
-        return out.reshape(lead)
 
     # -- compatibility
 

@@ -34,9 +34,8 @@ def fill_outside_tissue(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     if known.all() or not known.any():
         return rgb
     weight = known.astype(np.float64)
-    filled = _pull(rgb.astype(np.float64) * weight[..., None], weight)
-    result: np.ndarray = rgb.copy()
-    result[~known] = np.clip(np.rint(filled[~known]), 0, 255).astype(np.uint8)
+    filled = _pull(np.where(known[..., None], rgb, 0).astype(np.float64), weight, unit=True)
+    result: np.ndarray = np.where(known[..., None], rgb, np.clip(np.rint(filled), 0, 255).astype(np.uint8))
     return result
 
 
@@ -44,12 +43,15 @@ def _smooth(a: np.ndarray) -> np.ndarray:
     return np.asarray(ndimage.gaussian_filter(a, (_SIGMA, _SIGMA, 0) if a.ndim == 3 else _SIGMA, mode="nearest"))
 
 
-def _pull(weighted: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Colours of every pixel: the known mean where there is tissue weight, the coarser level's elsewhere."""
+def _pull(weighted: np.ndarray, weight: np.ndarray, unit: bool = False) -> np.ndarray:
+    """Colours of every pixel: the known mean where there is tissue weight, the coarser level's elsewhere.
+
+    `unit`: every weight is 0 or 1 (the finest level), so `weighted` already holds the known colours. Sums of the
+    pushed levels are sums of integers, exact in float64 in any order; only the pull rounds."""
     h, w = weight.shape
-    colour = np.zeros_like(weighted)
     has = weight > 0
-    colour[has] = weighted[has] / weight[has, None]
+    colour: np.ndarray = weighted.copy() if unit else np.divide(
+        weighted, weight[..., None], out=np.zeros_like(weighted), where=has[..., None])
     if has.all():
         return colour
     if h % 2 or w % 2 or min(h, w) < _COARSEST:  # coarsest level: smooth until every pixel is reached
@@ -59,10 +61,10 @@ def _pull(weighted: np.ndarray, weight: np.ndarray) -> np.ndarray:
             colour[reach] = (_smooth(weighted)[reach]) / den[reach, None]
             weighted, weight, has = colour * (has | reach)[..., None], (has | reach).astype(np.float64), has | reach
         return colour
-    coarse_w = weight.reshape(h // 2, 2, w // 2, 2).sum(axis=(1, 3))
-    coarse_v = weighted.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3))
+    coarse_w = weight[0::2, 0::2] + weight[1::2, 0::2] + weight[0::2, 1::2] + weight[1::2, 1::2]
+    coarse_v = weighted[0::2, 0::2] + weighted[1::2, 0::2] + weighted[0::2, 1::2] + weighted[1::2, 1::2]
     up = _smooth(np.repeat(np.repeat(_pull(coarse_v, coarse_w), 2, axis=0), 2, axis=1))
-    colour[~has] = up[~has]
+    np.copyto(colour, up, where=~has[..., None])
     return colour
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from equiseg_wsi.blas import one_blas_thread
+
 __all__ = ["KMeansFit", "kmeans"]
 
 
@@ -79,7 +81,11 @@ def _lloyd(x: np.ndarray, x_sq: np.ndarray, centers: np.ndarray, max_iter: int, 
 def kmeans(x: np.ndarray, k: int, *, n_init: int = 10, max_iter: int = 300, tol: float = 1e-4, seed: int = 0
            ) -> KMeansFit:
     """Best of `n_init` k-means++ starts (one generator seeded from `seed`): same inputs, same result."""
-    data = np.asarray(x, dtype=np.float64)
+    with one_blas_thread():
+        return _kmeans(np.asarray(x, dtype=np.float64), k, n_init, max_iter, tol, seed)
+
+
+def _kmeans(data: np.ndarray, k: int, n_init: int, max_iter: int, tol: float, seed: int) -> KMeansFit:
     x_sq = np.einsum("nc,nc->n", data, data)
     threshold = tol * float(data.var(axis=0).mean())
     rng = np.random.default_rng(seed)

@@ -330,6 +330,8 @@ def _cell_polygons(
     if simplify_tolerance is None or not np.isfinite(simplify_tolerance) or simplify_tolerance < 0:
         raise PolygonError(f"simplify_tolerance must be a finite number >= 0 cells, got {simplify_tolerance!r}")
     traced = _trace_cells(labels)
+    if simplify_tolerance == 0:  # GDAL's outlines have no collinear vertices: nothing to simplify
+        return traced
     return _simplify_coverage(traced, float(simplify_tolerance), simplify_boundary)
 
 
@@ -373,16 +375,22 @@ def tissue_outline(
     *,
     simplify_boundary: bool = False,
     polygons: Mapping[int, BaseGeometry] | None = None,
+    clip: Box | None = None,
 ) -> MultiPolygon:
     """The region outline: the union of all segments, consistent with ``label_map_to_polygons``.
 
     Pass ``polygons`` (the result of ``label_map_to_polygons`` with the same arguments) to avoid tracing
     twice; otherwise they are computed here. The segments form an exact coverage, so the fast coverage
     union is used; should it disagree with the segments (area or validity), a robust overlay union on the
-    0.01 px grid is used instead. Empty MultiPolygon when there is no tissue.
+    0.01 px grid is used instead. Empty MultiPolygon when there is no tissue. With a tolerance of 0 the outline is
+    traced from the tissue cells themselves (the exact union of the exact segments; `clip` as for the segments).
     """
+    if simplify_tolerance == 0:
+        outline = label_map_to_polygons((_check_labels(labels) > 0).astype(np.int32), placement, 0, clip=clip)
+        return outline.get(1, MultiPolygon())
     if polygons is None:
-        polygons = label_map_to_polygons(labels, placement, simplify_tolerance, simplify_boundary=simplify_boundary)
+        polygons = label_map_to_polygons(labels, placement, simplify_tolerance, simplify_boundary=simplify_boundary,
+                                         clip=clip)
     parts = [g for g in polygons.values() if not g.is_empty]
     if not parts:
         return MultiPolygon()

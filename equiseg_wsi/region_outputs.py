@@ -165,7 +165,7 @@ def _region_annotations(
     clip = None if seg.clip is None else (seg.clip[0] - offset[0], seg.clip[1] - offset[1],
                                           seg.clip[2] - offset[0], seg.clip[3] - offset[1])
     polygons = label_map_to_polygons(seg.labels, placement, simplify_cells, clip=clip)
-    outline = tissue_outline(seg.labels, placement, simplify_cells, polygons=polygons)
+    outline = tissue_outline(seg.labels, placement, simplify_cells, polygons=polygons, clip=clip)
     coverage = seg.coverage()
     measurements = segment_measurements(seg.labels, len(names), seg.cell_um, coverage)
     tissue_um2 = float(coverage[seg.labels > 0].sum()) * seg.cell_um**2

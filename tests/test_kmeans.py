@@ -56,3 +56,31 @@ def test_deterministic_and_best_of_starts(core_features: np.ndarray) -> None:
     # labels are the nearest centre of the returned centres
     d = ((core_features[:, None, :].astype(np.float64) - a.centers[None]) ** 2).sum(-1)
     assert np.array_equal(np.argmin(d, axis=1), a.labels)
+
+
+def test_blas_runs_on_one_thread_inside_the_fit_and_the_assignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenBLAS's spinning threads made a fit 39x slower on a busy 2-core machine (equiseg_wsi.blas)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import equiseg_wsi.kmeans as km
+    from equiseg_wsi.cluster import ClusterModel
+
+    seen: list[int] = []
+    real = km._sq_dist
+
+    def spy(*args: np.ndarray) -> np.ndarray:
+        seen.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        return real(*args)
+
+    monkeypatch.setattr(km, "_sq_dist", spy)
+    x = np.random.default_rng(0).normal(size=(300, 8))
+    with threadpool_limits(limits=2, user_api="blas"):
+        km.kmeans(x, 3, n_init=2)
+        assert seen and set(seen) == {1}
+        model = ClusterModel(centroids=l2_normalise(x[:3]).astype(np.float32), k=3)
+        seen.clear()
+        monkeypatch.setattr(ClusterModel, "_assign", staticmethod(lambda *a: seen.extend(
+            i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")))
+        model.predict(x.astype(np.float32))
+        assert set(seen) == {1}
+        assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == {2}  # restored
