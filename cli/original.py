@@ -91,6 +91,7 @@ def intra(pipeline: Pipeline, **kw: Any) -> None:
     """
     from equiseg_wsi.cohort import intra_subject
     from equiseg_wsi.inputs import collect_inputs
+    from equiseg_wsi.run_lock import output_lock
 
     started = time.perf_counter()
     out_dir: Path = kw["output_path"]
@@ -98,8 +99,9 @@ def intra(pipeline: Pipeline, **kw: Any) -> None:
     job, angles = _setup(pipeline, kw["weight_path"], kw["angles"])
     on_region, on_tiles, close = progress_bars(kw["quiet"], "intra")
     try:
-        result = intra_subject(sources, job, out_dir, angles,
-                               on_slide=lambda i, s: on_region(s.name), progress=on_tiles)
+        with output_lock(out_dir):  # one run per output folder, as for `equiseg run`
+            result = intra_subject(sources, job, out_dir, angles,
+                                   on_slide=lambda i, s: on_region(s.name), progress=on_tiles)
     finally:
         close()
     _finish(result, out_dir, started, kw["quiet"], "intra")
@@ -120,6 +122,7 @@ def inter(pipeline: Pipeline, **kw: Any) -> None:
     """
     from equiseg_wsi.cohort import inter_subject, split_by_slide
     from equiseg_wsi.inputs import collect_inputs
+    from equiseg_wsi.run_lock import output_lock
 
     started = time.perf_counter()
     out_dir: Path = kw["output_path"]
@@ -131,8 +134,9 @@ def inter(pipeline: Pipeline, **kw: Any) -> None:
     job, angles = _setup(pipeline, kw["weight_path"], kw["angles"])
     on_region, on_tiles, close = progress_bars(kw["quiet"], "inter")
     try:
-        result = inter_subject(train, test, job, out_dir, angles,
-                               on_slide=lambda i, s: on_region(s.name), on_region=on_region, progress=on_tiles)
+        with output_lock(out_dir):
+            result = inter_subject(train, test, job, out_dir, angles,
+                                   on_slide=lambda i, s: on_region(s.name), on_region=on_region, progress=on_tiles)
     finally:
         close()
     if not kw["quiet"] and result.model is not None:

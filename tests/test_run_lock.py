@@ -75,3 +75,23 @@ def test_the_lock_is_free_again_after_a_run(tmp_path: Path) -> None:
     with output_lock(out):
         with output_lock(out):  # re-entered by the same process (the CLI, then the runner)
             pass
+
+
+@pytest.mark.parametrize("command", ["intra", "inter"])
+def test_intra_and_inter_take_the_same_lock(tmp_path: Path, command: str) -> None:
+    out = tmp_path / "out"
+    code = ("import sys, time; from pathlib import Path; from equiseg_wsi.run_lock import output_lock\n"
+            "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        cmd = [sys.executable, "-m", "equiseg_cli.main", command, "--csv_path",
+               str(REPO / "sample_data" / "cores" / "manifest.csv"), "--output_path", str(out), "-q"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 1, done.stderr
+    assert f"another equiseg run (pid {holder.pid} " in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not any(out.glob("*/slide.json"))
