@@ -34,7 +34,7 @@ def _wait_for(predicate: object, proc: subprocess.Popen[bytes], seconds: float =
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_second_run_on_the_same_folder_fails_at_once(tmp_path: Path) -> None:
     # more work than the check needs: the first run is stopped once it is done
-    inputs = copy_sample_cores(tmp_path / "in", 20, "c{i:02d}.jpg")
+    inputs = copy_sample_cores(tmp_path / "in", 80, "c{i:02d}.jpg")
     out = tmp_path / "out"
     first = subprocess.Popen(_cmd(inputs, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     try:
