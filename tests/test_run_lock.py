@@ -31,6 +31,15 @@ def _wait_for(predicate: object, proc: subprocess.Popen[bytes], seconds: float =
     raise AssertionError("the first run ended (or never got going) before the check")
 
 
+def _lock_holder(out: Path) -> subprocess.Popen[str]:
+    """Another process holding `out`'s lock (returns once it holds it)."""
+    code = ("import sys, time; from pathlib import Path; from equiseg_wsi.run_lock import output_lock\n"
+            "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_second_run_on_the_same_folder_fails_at_once(tmp_path: Path) -> None:
     # more work than the check needs: the first run is stopped once it is done
@@ -61,11 +70,8 @@ def test_the_lock_is_free_again_after_a_run(tmp_path: Path) -> None:
     from equiseg_wsi.run_lock import OutputBusyError, output_lock
 
     out = tmp_path / "out"
-    code = ("import sys, time; from pathlib import Path; from equiseg_wsi.run_lock import output_lock\n"
-            "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
+    holder = _lock_holder(out)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputBusyError, match=rf"another equiseg run \(pid {holder.pid} "):
             with output_lock(out):
                 pass
@@ -80,11 +86,8 @@ def test_the_lock_is_free_again_after_a_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", ["intra", "inter"])
 def test_intra_and_inter_take_the_same_lock(tmp_path: Path, command: str) -> None:
     out = tmp_path / "out"
-    code = ("import sys, time; from pathlib import Path; from equiseg_wsi.run_lock import output_lock\n"
-            "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
+    holder = _lock_holder(out)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         cmd = [sys.executable, "-m", "equiseg_cli.main", command, "--csv_path",
                str(REPO / "sample_data" / "cores" / "manifest.csv"), "--output_path", str(out), "-q"]
         done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
