@@ -14,7 +14,7 @@ stages that are missing; what the per-slide seconds do not cover (wall - sum of 
 KMeans pass and the run files); and the CNN-only time of the same pixels, measured in this process after the
 run: the default extractor (batch 1, CPU, the run's µm/px), fed each region's tiles as the pipeline cuts them
 (the region = the core's tissue bounding box found as `equiseg run` finds it; tile side from
-`segment.region_tile_side`, the extractor's `recommended_halo`; tiles without tissue cells skipped), only
+`tile_features.region_tile_side`, the extractor's `recommended_halo`; tiles without tissue cells skipped), only
 `extractor.extract` timed, one warm-up call excluded; with the ratio end-to-end / CNN-only.
 
 Start-up is estimated from one extra run on a single 224-px tile with `--clustering region` (so the features
@@ -212,7 +212,7 @@ class CnnOnly:
         from equiseg_wsi.inputs import collect_inputs
         from equiseg_wsi.options import RegionOptions, SegmentOptions
         from equiseg_wsi.regions import open_regions
-        from equiseg_wsi.segment import cell_tissue_fraction, region_tile_side
+        from equiseg_wsi.tile_features import cell_tissue_fraction, region_tile_side
         from equiseg_wsi.tiling import TileGrid, read_tile
 
         recorded = manifest.get("options", {})

@@ -33,8 +33,8 @@ def fill_outside_tissue(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
         raise ValueError(f"tissue mask {known.shape} does not match the image {rgb.shape[:2]}")
     if known.all() or not known.any():
         return rgb
-    weight = known.astype(np.float64)
-    filled = _pull(np.where(known[..., None], rgb, 0).astype(np.float64), weight, unit=True)
+    weight = known.astype(np.float32)
+    filled = _pull(np.where(known[..., None], rgb, 0).astype(np.float32), weight, unit=True)
     result: np.ndarray = np.where(known[..., None], rgb, np.clip(np.rint(filled), 0, 255).astype(np.uint8))
     return result
 
@@ -46,11 +46,14 @@ def _smooth(a: np.ndarray) -> np.ndarray:
 def _pull(weighted: np.ndarray, weight: np.ndarray, unit: bool = False) -> np.ndarray:
     """Colours of every pixel: the known mean where there is tissue weight, the coarser level's elsewhere.
 
-    `unit`: every weight is 0 or 1 (the finest level), so `weighted` already holds the known colours. Sums of the
-    pushed levels are sums of integers, exact in float64 in any order; only the pull rounds."""
+    `unit`: every weight is 0 or 1 (the finest level), so `weighted` already holds the known colours (and is
+    filled in place). Sums of the
+    pushed levels are sums of integers below 2**24 (255 x 4**k for k levels of a tile: k <= 8), exact in float32
+    in any order; only the pull rounds (float32: 0.25 s for a 1,408 px tile, not 0.30 s in float64; 8 pixels in a
+    million then differ by one grey level)."""
     h, w = weight.shape
     has = weight > 0
-    colour: np.ndarray = weighted.copy() if unit else np.divide(
+    colour: np.ndarray = weighted if unit else np.divide(
         weighted, weight[..., None], out=np.zeros_like(weighted), where=has[..., None])
     if has.all():
         return colour
@@ -59,11 +62,14 @@ def _pull(weighted: np.ndarray, weight: np.ndarray, unit: bool = False) -> np.nd
             den = _smooth(weight)
             reach = ~has & (den > 0)
             colour[reach] = (_smooth(weighted)[reach]) / den[reach, None]
-            weighted, weight, has = colour * (has | reach)[..., None], (has | reach).astype(np.float64), has | reach
+            weighted, weight, has = colour * (has | reach)[..., None], (has | reach).astype(np.float32), has | reach
         return colour
     coarse_w = weight[0::2, 0::2] + weight[1::2, 0::2] + weight[0::2, 1::2] + weight[1::2, 1::2]
     coarse_v = weighted[0::2, 0::2] + weighted[1::2, 0::2] + weighted[0::2, 1::2] + weighted[1::2, 1::2]
-    up = _smooth(np.repeat(np.repeat(_pull(coarse_v, coarse_w), 2, axis=0), 2, axis=1))
+    coarse = _pull(coarse_v, coarse_w)
+    up = np.empty_like(colour)
+    up.reshape(h // 2, 2, w // 2, 2, -1)[:] = coarse.reshape(h // 2, 1, w // 2, 1, -1)  # nearest, 2x
+    up = _smooth(up)
     np.copyto(colour, up, where=~has[..., None])
     return colour
 

@@ -43,8 +43,9 @@ from equiseg_wsi.options import DEFAULT_MODEL_SEED, DEFAULT_TARGET_MPP, Extracto
 from equiseg_wsi.progress import ProgressCallback, no_progress
 from equiseg_wsi.regions import Failures, RegionArea, each_region
 from equiseg_wsi.robust_metrics import compare_labels
-from equiseg_wsi.segment import Extractor, segment_region
+from equiseg_wsi.segment import segment_region
 from equiseg_wsi.slide import Slide
+from equiseg_wsi.tile_features import Extractor
 from equiseg_wsi.tissue import detect_tissue
 
 __all__ = [

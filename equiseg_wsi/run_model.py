@@ -31,6 +31,7 @@ from equiseg_wsi.regions import Failures, each_region
 from equiseg_wsi.run_key import file_digest, options_digest
 from equiseg_wsi.sampling import CohortSampler
 from equiseg_wsi.segment import FeatureCache, fit_cells, region_features
+from equiseg_wsi.tile_features import GroupMapper, remote_tiles
 
 __all__ = ["FIT_ROWS_CAP", "RUN_MODEL", "discard_feature_cache", "fit_regions", "prepare_run"]
 
@@ -49,13 +50,16 @@ def fit_regions(
     on_region: Callable[[str], None] | None = None,
     progress: ProgressCallback = no_progress,
     seconds: dict[str, float] | None = None,
+    mapper: GroupMapper | None = None,
 ) -> tuple[ClusterModel, Failures]:
     """Fit one KMeans on `n_samples` interior tissue cells (`segment.fit_cells`) from every region of `sources`.
 
     Regions are found as `equiseg run` finds them; features are streamed region by region (and kept in `cache`
     when given); at most `FIT_ROWS_CAP` of the sampled rows are fitted on (a seeded subset). Regions that fail
     are returned as failures; raises InputError when no tissue cell was sampled at all. `seconds`, when given,
-    receives the time spent per stage: opening slides and finding regions, reading tiles, the network, the fit."""
+    receives the time spent per stage: opening slides and finding regions, reading tiles, the network, the fit
+    (read and network summed over the workers when `mapper`, a distributed run's, computes regions of several
+    tiles on them)."""
     times = seconds if seconds is not None else {}
     for stage in ("regions", "read", "cnn", "kmeans"):
         times.setdefault(stage, 0.0)
@@ -66,8 +70,11 @@ def fit_regions(
     failures = Failures()
     for item in each_region(sources, job.options.regions, failures, on_region=on_region):
         times["regions"] += time.perf_counter() - clock
+        remote = None if mapper is None else remote_tiles(
+            mapper, job.options.regions.backend, item.source.mpp or job.options.regions.mpp, job.spec, seg)
         with failures.catch(item.source.name, item.area.name):
-            with region_features(item.slide, item.area, extractor, seg, progress=progress, cache=cache) as rf:
+            with region_features(item.slide, item.area, extractor, seg, progress=progress, cache=cache,
+                                 remote=remote) as rf:
                 _feed(sampler, item.key, rf.features, fit_cells(rf.tissue, seg.n_clusters), rf.rgb)
                 times["read"] += rf.seconds.get("read", 0.0)
                 times["cnn"] += rf.seconds.get("cnn", 0.0)
@@ -119,6 +126,7 @@ def prepare_run(
     *,
     on_region: Callable[[str], None] | None = None,
     progress: ProgressCallback = no_progress,
+    mapper: GroupMapper | None = None,
 ) -> tuple[RunJob, Failures, dict[str, float]]:
     """The job every slide of the run is segmented with, for the run's clustering mode, and the seconds per stage
     of the run-wide fit (empty when nothing was fitted here).
@@ -127,7 +135,7 @@ def prepare_run(
     `OUT/run-kmeans.npz` with the key of what it was fitted on (`.json` beside it); a rerun with the same
     inputs, options and model reuses it without computing anything, so finished slides stay finished. `slide`:
     each slide fits its own model when it is segmented (`runner`). `region`: one model per region. The
-    feature cache is set for `run` and `slide` so features are computed once."""
+    feature cache is set for `run` and `slide` so features are computed once. `mapper`: see `fit_regions`."""
     mode = job.options.clustering
     if mode == "region" or job.kmeans_model is not None:
         return job, Failures(), {}
@@ -146,7 +154,7 @@ def prepare_run(
     seconds: dict[str, float] = {}
     if not reuse or job.options.overwrite:
         model, failures = fit_regions(sources, job, cache=FeatureCache(cache), on_region=on_region,
-                                      progress=progress, seconds=seconds)
+                                      progress=progress, seconds=seconds, mapper=mapper)
         model.save(model_path)
         atomic_write_text(key_path, json.dumps({"fit_key": key, "model_sha256": file_digest(str(model_path)),
                                                 "regions": len(model.sources), "seconds": seconds}, indent=1) + "\n")

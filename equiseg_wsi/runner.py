@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,9 +45,10 @@ from equiseg_wsi.run_key import changed_parts, run_key
 from equiseg_wsi.run_lock import output_lock
 from equiseg_wsi.run_model import discard_feature_cache, fit_regions, prepare_run
 from equiseg_wsi.scratch import remove_stale_scratch, scratch_area
-from equiseg_wsi.segment import Extractor, FeatureCache
+from equiseg_wsi.segment import FeatureCache
 from equiseg_wsi.slide_result import SlideResult
 from equiseg_wsi.stop_signals import signal_name, signal_number
+from equiseg_wsi.tile_features import Extractor, GroupMapper
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,12 @@ def _segment_slide(
 
 
 class Executor(Protocol):
-    """Runs `process_slide` for each source somewhere (this process, a Dask cluster); results in input order."""
+    """Runs `process_slide` for each source somewhere (this process, a Dask cluster); results in input order.
+
+    `session` holds the executor's resources for a whole run and yields how the run-wide fit sends a region's
+    tiles to them (`tile_features.GroupMapper`), or None to compute them in this process."""
+
+    def session(self) -> contextlib.AbstractContextManager[GroupMapper | None]: ...
 
     def map_slides(
         self, job: RunJob, sources: Sequence[SlideSource], out_dir: Path, *,
@@ -272,6 +278,10 @@ class Executor(Protocol):
 
 class InProcess:
     """The embedded default: slides one after another in this process, the model loaded once."""
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[GroupMapper | None]:
+        yield None
 
     def map_slides(
         self, job: RunJob, sources: Sequence[SlideSource], out_dir: Path, *,
@@ -376,12 +386,14 @@ def run_folder(
                 raise
             raise OutputWriteError(_storage_message(out_dir, exc)) from exc
         report = RunReport(results=[], manifest=None, table=None)
+        runner = executor if executor is not None else InProcess()
         try:
-            job, fit_seconds = _clustering_job(named, job, out_dir, progress)
-            if fit_seconds:  # the run-wide fit computed every region's features before the slides: its time
-                model_extra = {**model_extra, "run_kmeans_fit_seconds": fit_seconds}
-            report.results = run_slides(named, out_dir, job, executor=executor, on_start=on_start,
-                                        on_result=on_result, progress=progress)
+            with runner.session() as mapper:
+                job, fit_seconds = _clustering_job(named, job, out_dir, progress, mapper)
+                if fit_seconds:  # the run-wide fit computed every region's features before the slides: its time
+                    model_extra = {**model_extra, "run_kmeans_fit_seconds": fit_seconds}
+                report.results = run_slides(named, out_dir, job, executor=runner, on_start=on_start,
+                                            on_result=on_result, progress=progress)
         except RunStopped as exc:
             report.results, report.stopped, report.signum = exc.results, exc.reason, exc.signum
             if exc.signum is None:
@@ -393,12 +405,12 @@ def run_folder(
         return report
 
 
-def _clustering_job(sources: Sequence[SlideSource], job: RunJob, out_dir: Path, progress: ProgressCallback
-                    ) -> tuple[RunJob, dict[str, float]]:
+def _clustering_job(sources: Sequence[SlideSource], job: RunJob, out_dir: Path, progress: ProgressCallback,
+                    mapper: GroupMapper | None = None) -> tuple[RunJob, dict[str, float]]:
     """The job for the run's clustering mode (`run_model.prepare_run`) and the fit's seconds per stage; when no
     region of any input has tissue to fit on, each slide is left to fail with its own reason."""
     try:
-        prepared, _, seconds = prepare_run(sources, job, out_dir, progress=progress)
+        prepared, _, seconds = prepare_run(sources, job, out_dir, progress=progress, mapper=mapper)
         return prepared, seconds
     except (InputError, NoTissueError):
         return replace(job, options=replace(job.options, clustering="region")), {}

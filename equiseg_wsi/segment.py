@@ -10,21 +10,17 @@ import errno
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from equiseg_wsi.cluster import ClusterModel, fit_region
-from equiseg_wsi.context import fill_outside_tissue, tissue_pixels
-from equiseg_wsi.errors import InputError, NoTissueError, one_line
+from equiseg_wsi.errors import InputError, one_line
 from equiseg_wsi.export.cluster_key import exemplar_cells, exemplar_gap
-from equiseg_wsi.features import FeatureIdentity
 from equiseg_wsi.options import SegmentOptions
 from equiseg_wsi.polygons import Box, GridPlacement, cell_coverage, remove_small_segments
 from equiseg_wsi.progress import ProgressCallback, no_progress
@@ -32,26 +28,16 @@ from equiseg_wsi.refine import fine_factor, refine_region
 from equiseg_wsi.regions import RegionArea
 from equiseg_wsi.scratch import scratch_area, temporary_scratch
 from equiseg_wsi.slide import Slide
-from equiseg_wsi.tiling import Tile, TileGrid, read_tile
-from equiseg_wsi.tissue import TissueMap
+from equiseg_wsi.tile_features import (
+    Extractor,
+    RemoteTiles,
+    plan_tiles,
+    region_clip,
+    tile_batches,
+)
 
 # Features of regions smaller than this stay in RAM; larger ones go to a scratch file.
 IN_MEMORY_FEATURE_BYTES = 256 * 1024 * 1024
-
-
-class Extractor(Protocol):
-    """What segmentation needs of a feature extractor (see equiseg_wsi.features)."""
-
-    stride: int
-    alignment: int
-    channels: int
-    batch_size: int
-    recommended_halo: int
-
-    @property
-    def feature_identity(self) -> FeatureIdentity: ...
-
-    def extract(self, tiles: np.ndarray, halo: int = 0) -> np.ndarray: ...
 
 
 @dataclass
@@ -80,42 +66,9 @@ class RegionSegmentation:
         return cell_coverage(self.labels.shape, GridPlacement(self.x0, self.y0, self.cell_level0), self.clip)
 
 
-def region_clip(slide: Slide, area: RegionArea) -> Box:
-    """The region's box inside the image: its cell grid ends on a whole cell, the segments end here."""
-    x, y, w, h = area.rect_level0
-    return max(x, 0.0), max(y, 0.0), min(x + w, float(slide.width)), min(y + h, float(slide.height))
-
-
 # Stages of one region, timed in `segment_region`: reading tiles (and the glass fill), the network, KMeans fit and
 # assignment, the border refinement with the small-segment merges.
 STAGES = ("read", "cnn", "kmeans", "refine")
-
-
-def cell_tissue_fraction(tissue: TissueMap, x0: float, y0: float, cell: float, shape: tuple[int, int]) -> np.ndarray:
-    """Share of each feature cell covered by tissue (area-weighted resampling of the coarse mask)."""
-    h, w = shape
-    px = tissue.px_level0
-    box = (x0 / px, y0 / px, (x0 + w * cell) / px, (y0 + h * cell) / px)
-    if min(box[:2]) < 0:
-        raise ValueError("feature grid starts outside the tissue mask")
-    mh, mw = tissue.mask.shape
-    padded = np.zeros((max(mh, math.ceil(box[3])), max(mw, math.ceil(box[2]))), dtype=np.float32)
-    padded[:mh, :mw] = tissue.mask  # cells beyond the mask's edge are not tissue
-    mask = Image.fromarray(padded, mode="F")
-    return np.asarray(mask.resize((w, h), Image.Resampling.BOX, box=box), dtype=np.float32)
-
-
-def _batches(tiles: Iterable[Tile], slide: Slide, mpp: float, size: int) -> Iterator[tuple[list[Tile], np.ndarray]]:
-    batch: list[Tile] = []
-    pixels: list[np.ndarray] = []
-    for tile in tiles:
-        batch.append(tile)
-        pixels.append(read_tile(slide, tile, mpp))
-        if len(batch) == size:
-            yield batch, np.stack(pixels)
-            batch, pixels = [], []
-    if batch:
-        yield batch, np.stack(pixels)
 
 
 @dataclass
@@ -146,11 +99,13 @@ def region_features(
     progress: ProgressCallback = no_progress,
     scratch_dir: str | Path | None = None,
     cache: FeatureCache | None = None,
+    remote: RemoteTiles | None = None,
 ) -> Iterator[RegionFeatures]:
     """Stream a region's tiles through the extractor; yields its feature map, tissue cells and cell colours.
 
     A context manager because a large region's features live in a scratch file that is removed on exit. With a
     `cache`, features computed once (e.g. while a run-wide KMeans is fitted) are read back instead of recomputed.
+    With `remote` (a distributed run), a region of several tiles has them computed by the workers.
     """
     if cache is not None:
         cached = cache.load(slide, area, extractor, options)
@@ -159,7 +114,7 @@ def region_features(
             return
     if scratch_dir is None and cache is not None:  # scratch on the cache's disk (a run's: in its output folder)
         scratch_dir = scratch_area(cache.folder.parent)
-    with _computed_features(slide, area, extractor, options, progress, scratch_dir) as rf:
+    with _computed_features(slide, area, extractor, options, progress, scratch_dir, remote) as rf:
         if cache is not None:
             cache.save(slide, area, extractor, options, rf)
         yield rf
@@ -167,53 +122,33 @@ def region_features(
 
 @contextmanager
 def _computed_features(slide: Slide, area: RegionArea, extractor: Extractor, options: SegmentOptions,
-                       progress: ProgressCallback, scratch_dir: str | Path | None) -> Iterator[RegionFeatures]:
-    stride = extractor.stride
-    options.check_stride(extractor.alignment)
-    halo = extractor.recommended_halo if options.halo is None else options.halo
-    s = options.target_mpp / slide.mpp  # level-0 px per target px
-    cell = s * stride
-    x0, y0, w, h = area.rect_level0
-    gh, gw = max(1, math.ceil(h / cell - 1e-9)), max(1, math.ceil(w / cell - 1e-9))
-    # a cell partly outside the region is judged by its part inside (it is exported clipped to that part)
-    inside = cell_coverage((gh, gw), GridPlacement(x0, y0, cell), region_clip(slide, area))
-    share = cell_tissue_fraction(area.tissue, x0, y0, cell, (gh, gw))
-    tissue = (inside > 0) & (share >= options.min_cell_tissue * inside)
-    if not tissue.any():
-        raise NoTissueError(f"region {area.name}: no tissue at {options.target_mpp} µm/px")
-    rect = (x0, y0, gw * cell, gh * cell)
-    tile_size = region_tile_side(max(gh, gw) * stride, options.tile_size, extractor.alignment)
-    grid = TileGrid(rect, options.target_mpp, slide.mpp, tile_size, halo, align=stride)
-    cells_per_tile = tile_size // stride
+                       progress: ProgressCallback, scratch_dir: str | Path | None,
+                       remote: RemoteTiles | None = None) -> Iterator[RegionFeatures]:
+    plan = plan_tiles(slide, area, extractor, options)
+    gh, gw = plan.shape
+    per = plan.tile_size // extractor.stride
     rgb = np.full((gh, gw, 3), 255, dtype=np.uint8)
-    wanted = [
-        t for t in grid
-        if tissue[t.row * cells_per_tile : (t.row + 1) * cells_per_tile,
-                  t.col * cells_per_tile : (t.col + 1) * cells_per_tile].any()
-    ]
+    if remote is not None and len(plan.tiles) > 1:  # a tile is the smallest task: one-tile regions stay here
+        batches = remote(slide, area, plan)
+    else:
+        batches = tile_batches(slide, area, plan.tiles, extractor, options, plan.tile_size, plan.halo)
     with temporary_scratch(scratch_dir) as tmp:  # removed on exit; made only when the features need a file
         features = _feature_store(tmp, (gh, gw, extractor.channels))
         done = 0
         seconds = {"read": 0.0, "cnn": 0.0}
-        clock = time.perf_counter()
-        for tiles, pixels in _batches(wanted, slide, options.target_mpp, extractor.batch_size):
-            network_input = _network_input(tiles, pixels, area, s, options.glass)
-            now = time.perf_counter()
-            seconds["read"] += now - clock
-            maps = extractor.extract(network_input, halo=halo)
-            clock = time.perf_counter()
-            seconds["cnn"] += clock - now
-            for tile, fmap, px in zip(tiles, maps, pixels, strict=True):
-                r0, c0 = tile.row * cells_per_tile, tile.col * cells_per_tile
-                r1, c1 = min(r0 + cells_per_tile, gh), min(c0 + cells_per_tile, gw)
+        for batch in batches:
+            for stage in seconds:
+                seconds[stage] += batch.seconds.get(stage, 0.0)
+            for tile, fmap, means in zip(batch.tiles, batch.maps, batch.rgb, strict=True):
+                r0, c0 = tile.row * per, tile.col * per
+                r1, c1 = min(r0 + per, gh), min(c0 + per, gw)
                 features[r0:r1, c0:c1] = fmap[: r1 - r0, : c1 - c0]
-                interior = px[halo : halo + tile_size, halo : halo + tile_size]
-                means = interior.reshape(cells_per_tile, stride, cells_per_tile, stride, 3).mean(axis=(1, 3))
-                rgb[r0:r1, c0:c1] = np.round(means[: r1 - r0, : c1 - c0]).astype(np.uint8)
-            done += len(tiles)
-            progress(done, len(wanted), "tiles")
+                rgb[r0:r1, c0:c1] = means[: r1 - r0, : c1 - c0]
+            done += len(batch.tiles)
+            progress(done, len(plan.tiles), "tiles")
         try:
-            yield RegionFeatures(area.name, features, tissue, rgb, x0, y0, cell, len(wanted), seconds)
+            yield RegionFeatures(area.name, features, plan.tissue, rgb, plan.x0, plan.y0, plan.cell_level0,
+                                 len(plan.tiles), seconds)
         finally:
             del features
 
@@ -272,27 +207,6 @@ class FeatureCache:
 
     def discard(self, slide: Slide, area: RegionArea, extractor: Extractor, options: SegmentOptions) -> None:
         self._file(self.key(slide, area, extractor, options)).unlink(missing_ok=True)
-
-
-def region_tile_side(extent_px: int, max_side: int, align: int) -> int:
-    """Tile interior for a region `extent_px` target px across (its longer side): as few tiles per side as
-    `max_side` allows, shrunk to share the region evenly (a 1,300 px core is one 1,304 px tile, not nine of 512
-    that each add a halo). Same features either way: the halo covers the receptive field."""
-    n = max(1, math.ceil(extent_px / max_side))
-    return max(align, math.ceil(math.ceil(extent_px / n) / align) * align)
-
-
-def _network_input(tiles: list[Tile], pixels: np.ndarray, area: RegionArea, px_level0: float, glass: str
-                   ) -> np.ndarray:
-    """The tiles as the network sees them: as scanned, or with everything outside the region's tissue filled
-    with its tissue colours (the cells' mean colours are always measured on the scanned pixels)."""
-    if glass == "keep":
-        return pixels
-    out = np.empty_like(pixels)
-    for i, (tile, px) in enumerate(zip(tiles, pixels, strict=True)):
-        x, y = tile.halo_rect_level0[:2]
-        out[i] = fill_outside_tissue(px, tissue_pixels(area.tissue, x, y, px_level0, px.shape[:2]))
-    return out
 
 
 def segment_region(

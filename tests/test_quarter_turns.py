@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from equiseg_wsi.segment import region_tile_side
 from equiseg_wsi.slide import Slide
+from equiseg_wsi.tile_features import region_tile_side
 from equiseg_wsi.tissue import detect_tissue
 
 REPO = Path(__file__).resolve().parents[1]

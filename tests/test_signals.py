@@ -21,7 +21,15 @@ FAST = ["--target-mpp", "4", "--tile-size", "128", "--device", "cpu", "--mpp", "
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
-N_CORES = 40  # enough that the run is still going when the signal arrives (8 tiny cores once finished first)
+N_CORES = 8
+
+
+def _default_handlers() -> None:
+    """In the child: the signals under test get their default handling back. A test suite started with nohup,
+    or in the background of a non-interactive shell, passes SIGHUP / SIGINT on as ignored, and an ignored signal
+    is meant to stay ignored (`stop_on_signals`): the run would then finish instead of stopping."""
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM), signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -35,7 +43,8 @@ def test_signal_stops_the_run_and_records_what_completed(cores: Path, tmp_path: 
     tmpdir.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir)}
     cmd = [sys.executable, "-m", "equiseg_cli.main", "run", str(cores), "-o", str(out), *FAST]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_handlers)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not any(out.glob("*/slide.json")):
         time.sleep(0.02)
