@@ -13,9 +13,9 @@ N); the per-stage seconds of OUT/manifest.json (`slides[i].seconds`) summed over
 stages that are missing; what the per-slide seconds do not cover (wall - sum of `total`: start-up, the run-wide
 KMeans pass and the run files); and the CNN-only time of the same pixels, measured in this process after the
 run: the default extractor (batch 1, CPU, the run's µm/px), fed each region's tiles as the pipeline cuts them
-(the region = the core's tissue bounding box found as `equiseg run` finds it; tile side from
-`tile_features.region_tile_side`, the extractor's `recommended_halo`; tiles without tissue cells skipped), only
-`extractor.extract` timed, one warm-up call excluded; with the ratio end-to-end / CNN-only.
+(`tile_features.plan_tiles`: the region = the core's tissue bounding box found as `equiseg run` finds it), only
+`extractor.extract` timed, one warm-up call excluded, one tile at a time (the product's torch threads) and two
+at a time (one torch thread each, as the run-wide fit runs them); with the ratio end-to-end / the faster.
 
 Start-up is estimated from one extra run on a single 224-px tile with `--clustering region` (so the features
 are computed inside the slide's own `total`): its wall minus the slide's `total`, i.e. interpreter start,
@@ -209,47 +209,48 @@ class CnnOnly:
         return self.extractors[target_mpp]
 
     def measure(self, cohort: Cohort, manifest: dict[str, Any]) -> dict[str, Any]:
+        from equiseg_wsi.errors import NoTissueError
         from equiseg_wsi.inputs import collect_inputs
         from equiseg_wsi.options import RegionOptions, SegmentOptions
         from equiseg_wsi.regions import open_regions
-        from equiseg_wsi.tile_features import cell_tissue_fraction, region_tile_side
-        from equiseg_wsi.tiling import TileGrid, read_tile
+        from equiseg_wsi.tile_features import plan_tiles
+        from equiseg_wsi.tiling import read_tile
 
         recorded = manifest.get("options", {})
         seg = _options(SegmentOptions, recorded.get("segment"))
         regions = _options(RegionOptions, recorded.get("regions"))
         ex = self.extractor(seg.target_mpp)
-        stride = ex.stride
         halo = ex.recommended_halo if seg.halo is None else seg.halo
-        seconds, n_tiles, sides = 0.0, 0, set()
+        seconds, sides, inputs = 0.0, set(), []
         for source in collect_inputs([cohort.folder]):
             with open_regions(source, regions) as (slide, found):
-                for area in found.areas:  # as segment._computed_features cuts a region
-                    s = seg.target_mpp / slide.mpp
-                    cell = s * stride
-                    x0, y0, w, h = area.rect_level0
-                    gh, gw = max(1, int(np.ceil(h / cell - 1e-9))), max(1, int(np.ceil(w / cell - 1e-9)))
-                    tissue = cell_tissue_fraction(area.tissue, x0, y0, cell, (gh, gw)) >= seg.min_cell_tissue
-                    if not tissue.any():
+                for area in found.areas:  # cut as the pipeline cuts a region (tile_features.plan_tiles)
+                    try:
+                        plan = plan_tiles(slide, area, ex, seg)
+                    except NoTissueError:
                         continue
-                    side = region_tile_side(max(gh, gw) * stride, seg.tile_size, ex.alignment)
-                    grid = TileGrid((x0, y0, gw * cell, gh * cell), seg.target_mpp, slide.mpp, side, halo,
-                                    align=stride)
-                    per = side // stride
-                    for t in grid:
-                        if not tissue[t.row * per:(t.row + 1) * per, t.col * per:(t.col + 1) * per].any():
-                            continue
-                        pixels = read_tile(slide, t, seg.target_mpp)[None]
-                        if not self.warm:
-                            ex.extract(pixels, halo=halo)
-                            self.warm = True
-                        start = time.perf_counter()
-                        ex.extract(pixels, halo=halo)
-                        seconds += time.perf_counter() - start
-                        n_tiles += 1
-                        sides.add(side + 2 * halo)
-        return {"seconds": seconds, "tiles": n_tiles, "sides": sorted(sides), "halo": halo,
-                "target_mpp": seg.target_mpp}
+                    for t in plan.tiles:
+                        inputs.append(read_tile(slide, t, seg.target_mpp)[None])
+                        sides.add(plan.tile_size + 2 * plan.halo)
+        if not self.warm:
+            ex.extract(inputs[0], halo=halo)
+            self.warm = True
+        for pixels in inputs:  # one tile at a time on the torch threads the product sets (2 here)
+            start = time.perf_counter()
+            ex.extract(pixels, halo=halo)
+            seconds += time.perf_counter() - start
+        n_tiles = len(inputs)
+        # as the run-wide fit computes them: FIT_THREADS inputs at once, one torch thread each (run_model)
+        from equiseg_wsi.run_model import FIT_THREADS, _one_torch_thread
+        from equiseg_wsi.threads import ordered_map
+
+        threads = min(FIT_THREADS, os.cpu_count() or 1)
+        start = time.perf_counter()
+        for _ in ordered_map(lambda px: ex.extract(px, halo=halo), inputs, threads, initializer=_one_torch_thread):
+            pass
+        threaded = time.perf_counter() - start
+        return {"seconds": min(seconds, threaded), "serial": seconds, "threaded": threaded, "threads": threads,
+                "tiles": n_tiles, "sides": sorted(sides), "halo": halo, "target_mpp": seg.target_mpp}
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -266,6 +267,7 @@ def summarise(cohort: Cohort, wall: float, manifest: dict[str, Any], rc: int, cn
     done = sum(s.get("status") == "done" for s in slides)
     cohort.result = {
         "wall": wall, "rc": rc, "done": done, "failed": len(slides) - done, "stages": stages, "cnn": cnn,
+        "fit": float(((manifest.get("model") or {}).get("run_kmeans_fit_seconds") or {}).get("wall", 0.0)),
         "tissue_mm2": sum(float(s.get("tissue_area_mm2", 0.0)) for s in slides),
         "errors": sorted({s.get("error", "") for s in slides if s.get("status") != "done"})[:3],
     }
@@ -302,12 +304,12 @@ def print_report(cohorts: list[Cohort], startup: tuple[float, float] | None, ext
                  "segment": "segment (read..refine, per region)"}.get(k, k)
         row(f"Σ {label}, s" if k != "total" else f"{label}, s",
             [_fmt(r["stages"][k]) if k in r["stages"] else "–" for r in res])
-    row("wall − Σ total (start-up, run-wide KMeans pass, run files), s",
-        [_fmt(r["wall"] - r["stages"].get("total", 0.0)) for r in res])
-    if startup is not None:
-        row("of which not start-up (run-wide KMeans pass, run files), s",
-            [_fmt(r["wall"] - r["stages"].get("total", 0.0) - startup[1]) for r in res])
-    row("CNN-only of the same tiles, in process, s", [_fmt(r["cnn"]["seconds"]) for r in res])
+    row("run-wide fit pass (tissue, read, glass fill, CNN, KMeans fit), wall s", [_fmt(r["fit"]) for r in res])
+    row("slides pass and the rest (wall − fit pass − start-up), s",
+        [_fmt(r["wall"] - r["fit"] - (startup[1] if startup else 0.0)) for r in res])
+    row("CNN-only, one tile at a time (2 torch threads), s", [_fmt(r["cnn"]["serial"]) for r in res])
+    row("CNN-only, 2 tiles at a time (1 torch thread each, as the run), s", [_fmt(r["cnn"]["threaded"]) for r in res])
+    row("CNN-only of the same tiles (the faster of the two), s", [_fmt(r["cnn"]["seconds"]) for r in res])
     row("tiles fed (side incl. halo, px)",
         [f"{r['cnn']['tiles']} ({', '.join(map(str, r['cnn']['sides']))})" for r in res])
     row("CNN-only s/core", [_fmt(r["cnn"]["seconds"] / c.n, 2) for c, r in zip(cohorts, res, strict=True)])
@@ -323,13 +325,15 @@ def print_report(cohorts: list[Cohort], startup: tuple[float, float] | None, ext
     if cached:
         print(f"Per-slide `read`/`cnn` are ~0 for {', '.join(cached)}: with `--clustering run` (the default) the "
               "features are computed in the run-wide KMeans pass before the slides and read back from its cache, "
-              "and that pass (tissue, read, CNN, KMeans fit) is recorded nowhere per slide; it is inside "
-              "`wall − Σ total`.")
+              "and that pass (tissue, read, CNN, KMeans fit) is recorded nowhere per slide: its wall time is the "
+              "fit-pass row. Slides are segmented two at a time, so Σ per-slide total exceeds their wall time.")
     t = res[0]["cnn"]
     print(f"CNN-only: the default extractor, CPU, batch 1, at {t['target_mpp']} µm/px, halo {t['halo']} px; each "
           "region (the core's tissue bounding box, found as `equiseg run` finds it) cut as the pipeline cuts it "
-          "(`region_tile_side`, tiles without tissue cells skipped), only `extract` timed, one warm-up call "
-          "excluded; pixels as scanned (no glass fill, which does not change the CNN's cost).")
+          "(`tile_features.plan_tiles`), pixels read first, then only `extract` timed, one warm-up call excluded, "
+          f"both ways: one tile at a time on the product's torch threads, and {t['threads']} tiles at a time on "
+          "one torch thread each (how the run-wide fit runs them); the ratio uses the faster. Pixels as scanned "
+          "(no glass fill, which does not change the CNN's cost).")
     if startup is not None:
         print(f"Start-up (upper bound on the time to the first tile): {startup[1]:.1f} s = wall {startup[0]:.1f} s "
               "of a one-tile run (224 px, `--clustering region`) minus its slide `total`; it also holds the input "

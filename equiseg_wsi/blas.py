@@ -9,6 +9,7 @@ machine either (see the README's throughput section).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -24,8 +25,25 @@ def _controller() -> Any:
     return ThreadpoolController()
 
 
+_LOCK = threading.Lock()
+_users = 0
+_limit: Any = None  # the active threadpoolctl limit while any thread is inside
+
+
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """Inside: every BLAS library loaded so far (NumPy's OpenBLAS) runs on one thread; restored on exit."""
-    with _controller().limit(limits=1, user_api="blas"):
+    """Inside: every BLAS library loaded so far (NumPy's OpenBLAS) runs on one thread; restored when the last
+    thread inside leaves (the limit is process-wide: slides segmented on two threads share it)."""
+    global _users, _limit
+    with _LOCK:
+        if _users == 0:
+            _limit = _controller().limit(limits=1, user_api="blas")
+        _users += 1
+    try:
         yield
+    finally:
+        with _LOCK:
+            _users -= 1
+            if _users == 0:
+                _limit.restore_original_limits()
+                _limit = None

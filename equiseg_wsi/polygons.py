@@ -24,6 +24,7 @@ removal the same map has ~13,000 polygons (median 5 vertices) and takes ~1.2 s: 
 from __future__ import annotations
 
 import heapq
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import shapely
 from rasterio import features as rio_features
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
@@ -38,6 +40,10 @@ from shapely.geometry.base import BaseGeometry
 
 from equiseg_wsi.errors import EquisegError
 from equiseg_wsi.export.qupath_check import SNAP_GRID
+
+# Label maps are traced in cell units on purpose (identity transform); GDAL says so when it traces on a thread of
+# its own (slides segmented two at a time), which would only puzzle a user. Filtered for rasterio alone.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio")
 
 __all__ = [
     "DEFAULT_SIMPLIFY_TOLERANCE",

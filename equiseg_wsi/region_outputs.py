@@ -176,7 +176,7 @@ def _region_annotations(
     meta = {"slide": source.slide, "region": seg.name, "source": source.path.name}
     out = [qupath_feature(
         outline, object_id=object_id(source.name, seg.name), name=seg.name,
-        measurements={"Tissue area µm^2": tissue_um2}, metadata=meta, locked=True,
+        measurements={"Tissue area µm^2": tissue_um2}, metadata=meta, locked=True, on_grid=True,
     )]
     for cluster, geom in polygons.items():
         m = measurements[cluster]
@@ -185,7 +185,7 @@ def _region_annotations(
             class_name=names[cluster - 1], color=cluster_color(cluster - 1),
             measurements={"Area µm^2": m["area_um2"], "Fraction of region": m["fraction_of_region"],
                           "Components": m["n_components"]},
-            metadata={**meta, "cluster": str(cluster)},
+            metadata={**meta, "cluster": str(cluster)}, on_grid=True,  # from polygons.snap_valid
         ))
     return out
 

@@ -169,9 +169,12 @@ def _number(value: object, name: str) -> int | float:
     return f
 
 
-def _geometry_dict(geometry: Any) -> dict[str, Any]:
+def _geometry_dict(geometry: Any, on_grid: bool = False) -> dict[str, Any]:
     """A GeoJSON geometry mapping for a shapely geometry or anything with ``__geo_interface__``."""
     geom: BaseGeometry
+    if on_grid and isinstance(geometry, BaseGeometry) and geometry.geom_type in ("Polygon", "MultiPolygon") \
+            and not geometry.is_empty:
+        return {"type": geometry.geom_type, "coordinates": _snapped_coords(geometry)}
     if isinstance(geometry, BaseGeometry):
         geom = geometry
     else:
@@ -223,12 +226,15 @@ def qupath_feature(
     metadata: Mapping[str, object] | None = None,
     locked: bool = False,
     child_objects: Iterable[Mapping[str, Any]] | None = None,
+    on_grid: bool = False,
 ) -> dict[str, Any]:
     """One QuPath GeoJSON Feature; raises ``GeoJSONError`` (a ValueError) for anything QuPath would reject.
 
     ``geometry``: shapely Polygon/MultiPolygon (or GeoJSON mapping), snapped here to 0.01 px and required to
-    stay valid. ``class_name`` gets ``color`` or, if none is given, the cluster palette colour for
-    ``"Cluster i"`` and a stable name-derived colour otherwise. ``metadata`` values become strings.
+    stay valid; ``on_grid``: it comes from ``polygons.snap_valid`` (already snapped and valid) and is used as it
+    is (``write_geojson`` still checks the whole file). ``class_name`` gets ``color`` or, if none is given, the
+    cluster palette colour for ``"Cluster i"`` and a stable name-derived colour otherwise. ``metadata`` values
+    become strings.
     """
     if not isinstance(object_id, str) or not UUID_RE.match(object_id):
         raise GeoJSONError(f"object_id must be a hyphenated UUID string, got {object_id!r}")
@@ -264,7 +270,7 @@ def qupath_feature(
         children = [dict(c) for c in child_objects]
         if children:
             props["childObjects"] = children
-    return {"type": "Feature", "id": object_id, "geometry": _geometry_dict(geometry), "properties": props}
+    return {"type": "Feature", "id": object_id, "geometry": _geometry_dict(geometry, on_grid), "properties": props}
 
 
 def feature_collection(features: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,61 @@
+"""With the run-wide fit's features cached, the in-process run segments two slides at a time: the outputs are
+byte-identical to one slide at a time, results come back in input order, and every slide is reported once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import copy_sample_cores
+
+from equiseg_wsi.inputs import collect_inputs
+from equiseg_wsi.options import ExtractorSpec, RegionOptions, RunJob, RunOptions, SegmentOptions
+from equiseg_wsi.runner import InProcess, run_folder
+
+REPO = Path(__file__).resolve().parents[1]
+SUFFIXES = (".geojson", ".csv", ".png", ".qptma", ".npz")
+
+
+def _job(clustering: str = "run") -> RunJob:
+    seg = SegmentOptions(target_mpp=4.0, tile_size=128)
+    return RunJob(ExtractorSpec(device="cpu", target_mpp=4.0), RunOptions(seg, RegionOptions(mpp=0.5),
+                                                                          clustering=clustering))
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.suffix in SUFFIXES}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = copy_sample_cores(tmp_path_factory.mktemp("in"), 6)
+    shutil.copy(REPO / "sample_data" / "CMU-1-Small-Region.svs", folder)  # a slide of two regions among cores
+    return folder
+
+
+def test_two_slide_threads_give_the_outputs_of_one(inputs: Path, tmp_path: Path) -> None:
+    sources = collect_inputs([inputs])
+    reports, order = {}, {}
+    for threads in (1, 2):
+        order[threads] = []
+        reports[threads] = run_folder(sources, tmp_path / f"t{threads}", _job(), executor=InProcess(threads),
+                                      on_result=lambda i, _r, t=threads: order[t].append(i))
+    assert [r.name for r in reports[2].results] == [s.name for s in sources]
+    assert all(r.status == "done" for r in reports[2].results)
+    assert sorted(order[2]) == list(range(len(sources))) and order[1] == list(range(len(sources)))
+    one, two = _outputs(tmp_path / "t1"), _outputs(tmp_path / "t2")
+    assert len(one) > 3 * len(sources) and one == two
+
+
+def test_slides_that_compute_features_stay_one_at_a_time(inputs: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import equiseg_wsi.runner as runner
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("slides that run the network were given threads")
+
+    monkeypatch.setattr(runner, "_map_threaded", refuse)
+    sources = collect_inputs([inputs])[:3]
+    report = run_folder(sources, tmp_path / "region", _job("region"), executor=InProcess(2))
+    assert all(r.status == "done" for r in report.results)
