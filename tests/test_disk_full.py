@@ -113,4 +113,9 @@ def test_full_disk_at_the_slide_record_stops_the_run(
     assert result.exit_code == 1, result.output
     assert len(_error_lines(result.output)) == 1 and str(out) in result.output
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    assert [s["status"] for s in manifest["slides"]] == ["failed", "stopped", "stopped"]
+    # slides are segmented two at a time: the one running beside the first meets the same full disk
+    statuses = [s["status"] for s in manifest["slides"]]
+    assert statuses[0] == "failed" and statuses[1] in ("failed", "stopped") and statuses[2] == "stopped"
+    for s in manifest["slides"]:
+        if s["status"] == "failed":
+            assert str(out) in s["error"] and "No space left" in s["error"], s["error"]

@@ -1,5 +1,6 @@
-"""With the run-wide fit's features cached, the in-process run segments two slides at a time: the outputs are
-byte-identical to one slide at a time, results come back in input order, and every slide is reported once."""
+"""The in-process run fits on two regions at a time and, with their features cached, segments two slides at a
+time: the outputs (the run's KMeans model included) are byte-identical to one at a time, results come back in
+input order, and every slide is reported once."""
 
 from __future__ import annotations
 
@@ -34,10 +35,14 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_two_slide_threads_give_the_outputs_of_one(inputs: Path, tmp_path: Path) -> None:
+def test_two_slide_threads_give_the_outputs_of_one(inputs: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import equiseg_wsi.run_model as run_model
+
     sources = collect_inputs([inputs])
     reports, order = {}, {}
     for threads in (1, 2):
+        monkeypatch.setattr(run_model, "FIT_THREADS", threads)  # the fit's regions too: one, then two at a time
         order[threads] = []
         reports[threads] = run_folder(sources, tmp_path / f"t{threads}", _job(), executor=InProcess(threads),
                                       on_result=lambda i, _r, t=threads: order[t].append(i))
