@@ -26,11 +26,10 @@ from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunOptions
 from equiseg_wsi.polygons import GridPlacement, label_map_to_polygons, tissue_outline
 from equiseg_wsi.progress import ProgressCallback
-from equiseg_wsi.regions import Failures, RegionArea, SlideRegions
+from equiseg_wsi.regions import Failures, SlideRegions
 from equiseg_wsi.segment import FeatureCache, RegionSegmentation, segment_region
 from equiseg_wsi.slide import Slide
 from equiseg_wsi.slide_result import SlideResult
-from equiseg_wsi.threads import ThreadSlides, ordered_map
 from equiseg_wsi.tile_features import Extractor
 
 REGION_RECORDS = ".equiseg-regions"  # in a slide's folder: its finished regions, until the slide is complete
@@ -93,92 +92,62 @@ def _save_region_part(folder: Path, part: _RegionPart) -> None:
 def segment_regions(
     slide: Slide, source: SlideSource, found: SlideRegions, folder: Path, extractor: Extractor,
     options: RunOptions, model: ClusterModel | None, progress: ProgressCallback, result: SlideResult,
-    scratch: Path, cache: FeatureCache | None = None, threads: int = 1,
+    scratch: Path, cache: FeatureCache | None = None,
 ) -> SlideOutputs:
     """Segment each region; a region that fails (e.g. too little tissue for K clusters) is recorded and the
     slide's other regions go on. Raises when no region could be segmented.
 
     A slide of several regions saves each finished region (`REGION_RECORDS`); a rerun after an interruption
-    takes the regions finished with the same run key from there (not with `overwrite`) and redoes the rest.
-    `threads` > 1 segments that many regions at once, each reading through its own handle on the slide (only
-    when their features are cached: there is no network work left to share the cores with)."""
+    takes the regions finished with the same run key from there (not with `overwrite`) and redoes the rest."""
+    offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
     k = model.k if model is not None else options.segment.n_clusters
-    per_region = len(found.areas) > 1
-    slides = ThreadSlides()
-
-    def one(area: RegionArea) -> tuple[_RegionPart, dict[str, float], float]:
-        part = _load_region_part(folder, area.name, result.run_key) if per_region and not options.overwrite else None
-        if part is not None:
-            return part, {}, 0.0
-        own = slide if threads <= 1 else slides.get(source.path, options.regions.backend,
-                                                    source.mpp or options.regions.mpp)
-        part, seconds, t_features = _segment_part(own, source, found, area, folder, extractor, options, model, k,
-                                                  progress, result.run_key, scratch, cache)
-        if per_region:
-            _save_region_part(folder, part)
-        return part, seconds, t_features
-
     out = SlideOutputs()
     failures = Failures()
     t_features = 0.0
-    try:
-        for part, seconds, secs in ordered_map(one, found.areas, threads):
-            t_features += secs
-            for stage, value in seconds.items():
-                result.seconds[stage] = round(result.seconds.get(stage, 0.0) + value, 3)
-            if part.error is not None:
-                failures.add(source.name, part.region, part.error)
-            result.warnings.extend(part.warnings)
-            if part.row is not None:
-                result.regions.append(part.row)
-                result.tissue_area_mm2 += part.tissue_area_mm2
-                out.annotations.extend(part.annotations)
-                out.pictures.extend(folder / p for p in part.pictures)
-                result.exemplars.extend(part.exemplars)
-    finally:
-        slides.close()
+    per_region = len(found.areas) > 1
+    for area in found.areas:
+        part = _load_region_part(folder, area.name, result.run_key) if per_region and not options.overwrite else None
+        if part is None:
+            t1 = time.perf_counter()
+            part = _RegionPart(area.name, run_key=result.run_key)
+            with failures.catch(source.name, area.name):
+                seg = segment_region(slide, area, extractor, options.segment, model=model, progress=progress,
+                                     scratch_dir=scratch, cache=cache)
+                t_features += time.perf_counter() - t1
+                for stage, secs in seg.seconds.items():
+                    result.seconds[stage] = round(result.seconds.get(stage, 0.0) + secs, 3)
+                t1 = time.perf_counter()
+                part.warnings = list(seg.warnings)
+                coverage = seg.coverage()
+                row = compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um,
+                                         region_identity(source, found, area.name, options), coverage)
+                part.tissue_area_mm2 = float(coverage[seg.labels > 0].sum()) * seg.cell_um**2 / 1e6
+                names = cluster_names(k, options.cluster_names)
+                part.annotations = _region_annotations(source, seg, names, offset, options.simplify_cells)
+                pictures = _region_pictures(slide, folder, seg, names, options.segment.target_mpp)
+                part.pictures = [p.name for p in pictures]
+                part.exemplars = exemplar_records(area.name, seg.exemplars, slide.mpp)
+                part.row = row
+                result.seconds["export"] = round(result.seconds.get("export", 0.0) + time.perf_counter() - t1, 3)
+            if part.row is None:
+                part.error = next(f.error for f in failures if f.region == area.name)
+            if per_region:
+                _save_region_part(folder, part)
+        elif part.error is not None:
+            failures.add(source.name, area.name, part.error)
+        result.warnings.extend(part.warnings)
+        if part.row is not None:
+            result.regions.append(part.row)
+            result.tissue_area_mm2 += part.tissue_area_mm2
+            out.annotations.extend(part.annotations)
+            out.pictures.extend(folder / p for p in part.pictures)
+            result.exemplars.extend(part.exemplars)
     result.failed_regions = {f.region: f.error for f in failures}
     if not result.regions:
         reasons = "; ".join(f"{f.region}: {f.error}" for f in failures)
         raise NoTissueError(f"{source.path}: no region could be segmented ({reasons})")
     result.seconds["segment"] = round(t_features, 3)
     return out
-
-
-def _segment_part(
-    slide: Slide, source: SlideSource, found: SlideRegions, area: RegionArea, folder: Path, extractor: Extractor,
-    options: RunOptions, model: ClusterModel | None, k: int, progress: ProgressCallback, run_key: dict[str, str],
-    scratch: Path, cache: FeatureCache | None,
-) -> tuple[_RegionPart, dict[str, float], float]:
-    """One region's part of its slide's outputs, the seconds per stage, and the seconds of its segmentation; a
-    failure is the part's `error`."""
-    offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
-    part = _RegionPart(area.name, run_key=run_key)
-    seconds: dict[str, float] = {}
-    t_features = 0.0
-    failures = Failures()
-    with failures.catch(source.name, area.name):
-        t1 = time.perf_counter()
-        seg = segment_region(slide, area, extractor, options.segment, model=model, progress=progress,
-                             scratch_dir=scratch, cache=cache)
-        t_features = time.perf_counter() - t1
-        seconds.update(seg.seconds)
-        t1 = time.perf_counter()
-        part.warnings = list(seg.warnings)
-        coverage = seg.coverage()
-        row = compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um,
-                                 region_identity(source, found, area.name, options), coverage)
-        part.tissue_area_mm2 = float(coverage[seg.labels > 0].sum()) * seg.cell_um**2 / 1e6
-        names = cluster_names(k, options.cluster_names)
-        part.annotations = _region_annotations(source, seg, names, offset, options.simplify_cells)
-        pictures = _region_pictures(slide, folder, seg, names, options.segment.target_mpp)
-        part.pictures = [p.name for p in pictures]
-        part.exemplars = exemplar_records(area.name, seg.exemplars, slide.mpp)
-        part.row = row
-        seconds["export"] = time.perf_counter() - t1
-    if part.row is None:
-        part.error = next(f.error for f in failures)
-    return part, seconds, t_features
 
 
 def region_identity(source: SlideSource, found: SlideRegions, region: str, options: RunOptions) -> dict[str, Any]:

@@ -158,14 +158,14 @@ def load_cluster_model(path: str | None) -> ClusterModel | None:
     return _cached_cluster_model(str(path), (st.st_mtime_ns, st.st_size))
 
 
-def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: ProgressCallback = no_progress,
-                  region_threads: int = 1) -> SlideResult:
+def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: ProgressCallback = no_progress
+                  ) -> SlideResult:
     """Segment every region of one slide and write its outputs; errors become a failed result, not a raise.
 
     A slide complete from an earlier run with the same run key is skipped (unless `overwrite`); one made with
     other options, model or input is redone, its changed parts in `redone`. Large intermediates go to the
     output folder's scratch area. Raises `OutputWriteError` (the result attached) when the output folder takes
-    no more writes: every later slide would fail the same way. `region_threads`: see `segment_regions`."""
+    no more writes: every later slide would fail the same way."""
     options = job.options
     start = time.perf_counter()
     result = SlideResult(name=source.name, path=str(source.path), status="failed")
@@ -184,7 +184,7 @@ def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: 
         cache = FeatureCache(job.feature_cache) if job.feature_cache else None
         if model is None and options.clustering == "slide":  # one model for the slide's regions, features kept
             model, _ = fit_regions([source], job, cache=cache)
-        _segment_slide(source, out_dir, extractor, options, model, progress, result, cache, region_threads)
+        _segment_slide(source, out_dir, extractor, options, model, progress, result, cache)
         _remove_old_outputs(out_dir, previous, result)
         result.status = "done"
         result.seconds["total"] = round(time.perf_counter() - start, 3)
@@ -236,7 +236,6 @@ def _segment_slide(
     progress: ProgressCallback,
     result: SlideResult,
     cache: FeatureCache | None = None,
-    region_threads: int = 1,
 ) -> None:
     t0 = time.perf_counter()
     with open_regions(source, options.regions) as (slide, found):
@@ -248,7 +247,7 @@ def _segment_slide(
         result.seconds["tissue"] = round(time.perf_counter() - t0, 3)
         folder.mkdir(parents=True, exist_ok=True)
         features = segment_regions(slide, source, found, folder, extractor, options, model, progress, result,
-                                    scratch_area(out_dir), cache, region_threads)
+                                    scratch_area(out_dir), cache)
         outputs.extend(features.pictures)
         if found.grid is not None:  # every missing grid position gets a row too, with present = False
             result.regions = with_missing_cores(
@@ -278,16 +277,16 @@ class Executor(Protocol):
     ) -> list[SlideResult]: ...
 
 
-# Slides (or regions) segmented at once when a run-wide fit cached their features: the one-threaded NumPy, shapely
-# and PNG work left overlaps on two cores (10 Gleason-size cores: 18.3 -> 12.4 s on the 2-core machine).
+# Slides segmented at once in this process when their features are cached (a run-wide fit computed them): what
+# is left is one-threaded NumPy, shapely and PNG work, so two slides overlap on two cores (segmentation pass of 50
+# Gleason-size cores 1.6x faster on the 2-core development machine).
 SLIDE_THREADS = 2
 
 
 @dataclass
 class InProcess:
     """The embedded default: slides in this process, the model loaded once; one after another, or `threads` at
-    a time when the run-wide fit has cached every slide's features (no network work is left in the slides); a
-    run of fewer slides segments each slide's regions `threads` at a time instead."""
+    a time when the run-wide fit has cached every slide's features (no network work is left in the slides)."""
 
     threads: int = SLIDE_THREADS
 
@@ -301,16 +300,14 @@ class InProcess:
         on_result: Callable[[int, SlideResult], None] | None = None,
         progress: ProgressCallback = no_progress,
     ) -> list[SlideResult]:
-        threads = min(self.threads, os.cpu_count() or 1)
-        cached = job.options.clustering == "run" and job.feature_cache is not None and job.kmeans_model is not None
-        if cached and 1 < threads <= len(sources):
+        threads = min(self.threads, os.cpu_count() or 1, len(sources))
+        if threads > 1 and job.options.clustering == "run" and job.feature_cache and job.kmeans_model:
             return _map_threaded(job, sources, out_dir, threads, on_start, on_result, progress)
-        region_threads = threads if cached else 1  # fewer slides than threads: their regions in parallel
         results = []
         for i, source in enumerate(sources):
             if on_start is not None:
                 on_start(i, source)
-            result = process_slide(source, out_dir, job, progress=progress, region_threads=region_threads)
+            result = process_slide(source, out_dir, job, progress=progress)
             if on_result is not None:
                 on_result(i, result)
             results.append(result)
@@ -330,14 +327,17 @@ def _map_threaded(
 
     def collect(future: Future[SlideResult]) -> None:
         i = running.pop(future)
-        error = future.exception()
-        result = error.result if isinstance(error, OutputWriteError) else None if error else future.result()
-        if result is not None:
-            results[i] = result
+        try:
+            results[i] = future.result()
+        except OutputWriteError as exc:
+            if exc.result is None:
+                raise
+            results[i] = exc.result
             if on_result is not None:
-                on_result(i, result)
-        if error is not None:
-            raise error
+                on_result(i, exc.result)
+            raise
+        if on_result is not None:
+            on_result(i, results[i])  # type: ignore[arg-type]
 
     with ThreadPoolExecutor(threads, thread_name_prefix="equiseg-slide") as pool:
         try:

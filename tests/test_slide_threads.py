@@ -64,24 +64,3 @@ def test_slides_that_compute_features_stay_one_at_a_time(inputs: Path, tmp_path:
     sources = collect_inputs([inputs])[:3]
     report = run_folder(sources, tmp_path / "region", _job("region"), executor=InProcess(2))
     assert all(r.status == "done" for r in report.results)
-
-
-def test_a_tma_slide_alone_has_its_cores_segmented_two_at_a_time(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import equiseg_wsi.region_outputs as region_outputs
-
-    sources = collect_inputs([REPO / "sample_data" / "tma" / "tma_3x4.svs"])
-    seen: list[int] = []
-    real = region_outputs.ordered_map
-
-    def counting(func, items, threads, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(threads)
-        return real(func, items, threads, **kwargs)
-
-    monkeypatch.setattr(region_outputs, "ordered_map", counting)
-    for threads in (1, 2):
-        report = run_folder(sources, tmp_path / f"t{threads}", _job(), executor=InProcess(threads))
-        assert report.results[0].status == "done" and len(report.results[0].regions) >= 10
-    assert seen == [1, 2]
-    one, two = _outputs(tmp_path / "t1"), _outputs(tmp_path / "t2")
-    assert len(one) > 20 and one == two
