@@ -11,12 +11,11 @@ segmentation that follows reads them back.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,16 +29,16 @@ from equiseg_wsi.features import build_extractor
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.regions import Failures, RegionFailure, RegionItem, each_region
+from equiseg_wsi.regions import Failures, RegionFailure, each_region
 from equiseg_wsi.run_key import file_digest, options_digest
 from equiseg_wsi.sampling import CohortSampler, ReservoirSampler, source_rng
 from equiseg_wsi.segment import FeatureCache, fit_cells, region_features
-from equiseg_wsi.threads import ThreadSlides, ordered_map
+from equiseg_wsi.threads import ordered_map
 from equiseg_wsi.tile_features import GroupMapper, remote_tiles
 
 __all__ = ["FIT_ROWS_CAP", "RUN_MODEL", "discard_feature_cache", "fit_regions", "prepare_run"]
 
-FIT_THREADS = 2  # regions whose features are computed at once in a run-wide fit (each on one torch thread)
+FIT_THREADS = 2  # inputs whose features are computed at once in a run-wide fit (each on one torch thread)
 FIT_ROWS_CAP = 50_000  # sampled cells a run-wide fit uses at most (a seeded subset beyond): KMeans stays cheap
 RUN_MODEL = "run-kmeans.npz"  # the run-wide model in the output folder (apply it elsewhere with --kmeans-model)
 FEATURE_CACHE = ".equiseg-features"  # region features between the fit and the segmentation, removed as used
@@ -60,7 +59,7 @@ def fit_regions(
     """Fit one KMeans on `n_samples` interior tissue cells (`segment.fit_cells`) from every region of `sources`.
 
     Regions are found as `equiseg run` finds them; features are streamed region by region (and kept in `cache`
-    when given), `FIT_THREADS` regions at a time; at most `FIT_ROWS_CAP` of the sampled rows are fitted on (a
+    when given), `FIT_THREADS` inputs at a time; at most `FIT_ROWS_CAP` of the sampled rows are fitted on (a
     seeded subset). Regions that fail are returned as failures; raises InputError when no tissue cell was
     sampled at all. `seconds`, when given, receives the time spent per stage: opening slides and finding
     regions, reading tiles, the network, the fit (summed over the threads, or over the workers when `mapper`, a
@@ -73,31 +72,17 @@ def fit_regions(
     sampler = CohortSampler(seg.n_samples, seg.seed)
     failures = Failures()
 
-    slides = ThreadSlides()
+    def sample(source: SlideSource) -> _SourceSample:
+        return _sample_source(source, job, cache, on_region, progress, mapper)
 
-    def regions() -> Iterator[RegionItem]:  # found here, in order; computed on the fit threads
-        clock = time.perf_counter()
-        for item in each_region(sources, job.options.regions, failures, on_region=on_region):
-            times["regions"] += time.perf_counter() - clock
-            yield item
-            clock = time.perf_counter()
-
-    def sample(item: RegionItem) -> _RegionSample:
-        return _sample_region(item, job, cache, progress, mapper, slides)
-
-    items = regions()
-    first = list(itertools.islice(items, 2))  # one region alone keeps both cores inside the network
-    threads = FIT_THREADS if mapper is None and len(first) > 1 else 1  # Dask: the workers do the network work
-    try:
-        for part in ordered_map(sample, itertools.chain(first, items), min(threads, os.cpu_count() or 1),
-                                initializer=_one_torch_thread):
-            failures.items.extend(part.failures)
-            for stage, secs in part.seconds.items():
-                times[stage] += secs
-            if part.rows is not None and part.od is not None:  # n_samples rows or fewer: all kept, in order
-                sampler.feed(part.key, part.rows, part.od)
-    finally:
-        slides.close()
+    threads = FIT_THREADS if mapper is None else 1  # a distributed run's workers do the network work
+    threads = min(threads, len(sources), os.cpu_count() or 1)
+    for part in ordered_map(sample, sources, threads, initializer=_one_torch_thread):
+        failures.items.extend(part.failures)
+        for stage, secs in part.seconds.items():
+            times[stage] += secs
+        for key, rows, od in part.samples:  # a sample of n_samples rows or fewer: the sampler keeps them all
+            sampler.feed(key, rows, od)
     if not sampler.sources:
         reasons = "; ".join(f.error for f in failures) or "no inputs"
         raise InputError(f"no tissue cells to fit on ({reasons})")
@@ -115,37 +100,38 @@ def fit_regions(
 
 
 @dataclass
-class _RegionSample:
-    """One region's share of a run-wide fit: its seeded sample of fit cells (None when it has none)."""
+class _SourceSample:
+    """One input's share of a run-wide fit: each region's sampled rows (key, features, optical density)."""
 
-    key: str
-    rows: np.ndarray | None = None
-    od: np.ndarray | None = None
+    samples: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
     failures: list[RegionFailure] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _sample_region(item: RegionItem, job: RunJob, cache: FeatureCache | None, progress: ProgressCallback,
-                   mapper: GroupMapper | None, slides: ThreadSlides) -> _RegionSample:
-    """A region through the network (kept in `cache`) and the sample of its fit cells that `CohortSampler` would
-    draw (seeded by the region's key, not by the order of inputs). Reads through this thread's own handle on the
-    slide (`slides`): `item.slide` belongs to the thread that found the region."""
+def _sample_source(source: SlideSource, job: RunJob, cache: FeatureCache | None,
+                   on_region: Callable[[str], None] | None, progress: ProgressCallback,
+                   mapper: GroupMapper | None) -> _SourceSample:
+    """Every region of `source` through the network (kept in `cache`), and a seeded sample of its fit cells
+    (the reservoir `CohortSampler` would draw for it: seeded by the region's key, not by the order of inputs)."""
     seg = job.options.segment
     extractor = build_extractor(job.spec)
     failures = Failures()
-    out = _RegionSample(item.key, seconds={"read": 0.0, "cnn": 0.0})
-    mpp = item.source.mpp or job.options.regions.mpp
-    remote = None if mapper is None else remote_tiles(mapper, job.options.regions.backend, mpp, job.spec, seg)
-    with failures.catch(item.source.name, item.area.name):
-        slide = slides.get(item.source.path, job.options.regions.backend, mpp)
-        with region_features(slide, item.area, extractor, seg, progress=progress, cache=cache,
-                             remote=remote) as rf:
-            reservoir = ReservoirSampler(seg.n_samples, source_rng(seg.seed, item.key))
-            _feed(reservoir, rf.features, fit_cells(rf.tissue, seg.n_clusters), rf.rgb)
-            if reservoir.n_seen:
-                out.rows, out.od = reservoir.result()
-            out.seconds["read"] += rf.seconds.get("read", 0.0)
-            out.seconds["cnn"] += rf.seconds.get("cnn", 0.0)
+    out = _SourceSample(seconds={"regions": 0.0, "read": 0.0, "cnn": 0.0})
+    clock = time.perf_counter()
+    for item in each_region([source], job.options.regions, failures, on_region=on_region):
+        out.seconds["regions"] += time.perf_counter() - clock
+        remote = None if mapper is None else remote_tiles(
+            mapper, job.options.regions.backend, item.source.mpp or job.options.regions.mpp, job.spec, seg)
+        with failures.catch(item.source.name, item.area.name):
+            with region_features(item.slide, item.area, extractor, seg, progress=progress, cache=cache,
+                                 remote=remote) as rf:
+                reservoir = ReservoirSampler(seg.n_samples, source_rng(seg.seed, item.key))
+                _feed(reservoir, rf.features, fit_cells(rf.tissue, seg.n_clusters), rf.rgb)
+                if reservoir.n_seen:
+                    out.samples.append((item.key, *reservoir.result()))
+                out.seconds["read"] += rf.seconds.get("read", 0.0)
+                out.seconds["cnn"] += rf.seconds.get("cnn", 0.0)
+        clock = time.perf_counter()
     out.failures = list(failures)
     return out
 

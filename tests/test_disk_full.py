@@ -72,16 +72,21 @@ def test_full_disk_mid_run_stops_with_one_line_and_records_what_completed(
     assert "OSError" not in lines[0]
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     status = {s["name"]: s["status"] for s in manifest["slides"]}
-    assert status == {NAMES[0]: "done", NAMES[1]: "failed", NAMES[2]: "stopped"}
+    # slides are segmented two at a time: the third may have started (and then finished) before the failure
+    third = status.pop(NAMES[2])
+    assert status == {NAMES[0]: "done", NAMES[1]: "failed"} and third in ("stopped", "done")
     assert error.strerror in manifest["stopped"]
     assert (out / NAMES[0] / "slide.json").is_file() and not (out / NAMES[1] / "slide.json").exists()
-    assert not (out / NAMES[2]).exists()  # the run stopped: no slide after the failure was tried
+    if third == "stopped":  # the run stopped: no slide started after the failure
+        assert not (out / NAMES[2]).exists()
+    else:
+        assert (out / NAMES[2] / "slide.json").is_file()
     _no_partial_files(out)
     monkeypatch.setattr(os, "replace", _replace)  # space again: the rerun resumes
     again = _invoke(cores, out)
     assert again.exit_code == 0, again.output
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    assert [s["status"] for s in manifest["slides"]] == ["skipped", "done", "done"]
+    assert [s["status"] for s in manifest["slides"]] == ["skipped", "done", "done" if third == "stopped" else "skipped"]
 
 
 def test_full_disk_while_writing_the_manifest_leaves_no_stale_one(
