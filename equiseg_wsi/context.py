@@ -47,10 +47,9 @@ def _pull(weighted: np.ndarray, weight: np.ndarray, unit: bool = False) -> np.nd
     """Colours of every pixel: the known mean where there is tissue weight, the coarser level's elsewhere.
 
     `unit`: every weight is 0 or 1 (the finest level), so `weighted` already holds the known colours (and is
-    filled in place). Sums of the
-    pushed levels are sums of integers below 2**24 (255 x 4**k for k levels of a tile: k <= 8), exact in float32
-    in any order; only the pull rounds (float32: 0.25 s for a 1,408 px tile, not 0.30 s in float64; 8 pixels in a
-    million then differ by one grey level)."""
+    filled in place). Sums of the pushed levels are sums of integers below 2**24 (255 x 4**k for k levels of a
+    tile: k <= 8), exact in float32 in any order; only the pull rounds (float32: 0.25 s for a 1,408 px tile, not
+    0.30 s in float64; 8 pixels in a million then differ by one grey level)."""
     h, w = weight.shape
     has = weight > 0
     colour: np.ndarray = weighted if unit else np.divide(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
 from equiseg_wsi.runner import OutputWriteError, process_slide
 from equiseg_wsi.slide_result import SlideResult
+from equiseg_wsi.threads import in_order
 from equiseg_wsi.tile_features import GroupMapper, TileBatch, TileGroup, group_features
 
 __all__ = ["DaskExecutor"]
@@ -85,20 +85,8 @@ class DaskExecutor:
         client = self._client
         resources = {"GPU": 1} if groups and groups[0].spec.device.startswith("cuda") else None
         window = 4 * max(1, len(client.scheduler_info().get("workers", {})))
-        pending: deque[Any] = deque()
-        todo = iter(groups)
-        try:
-            while True:
-                for group in todo:
-                    pending.append(client.submit(group_features, group, pure=False, resources=resources))
-                    if len(pending) >= window:
-                        break
-                if not pending:
-                    return
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        yield from in_order(lambda group: client.submit(group_features, group, pure=False, resources=resources),
+                            groups, window)
 
     def map_slides(
         self, job: RunJob, sources: Sequence[SlideSource], out_dir: Path, *,

@@ -8,13 +8,36 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
-__all__ = ["ordered_map"]
+__all__ = ["in_order", "ordered_map"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def in_order(submit: Callable[[T], Any], items: Iterable[T], ahead: int,
+             settle: Callable[[list[Any]], object] | None = None) -> Iterator[Any]:
+    """The results of `submit(item)` (a future: `concurrent.futures` or Dask) in input order, with at most `ahead`
+    futures submitted and not yet yielded. On exit (done, an error, the consumer gone) the futures not yielded
+    are cancelled and passed to `settle` (e.g. to wait for those already running)."""
+    pending: deque[Any] = deque()
+    todo = iter(items)
+    try:
+        while True:
+            for item in todo:
+                pending.append(submit(item))
+                if len(pending) >= ahead:
+                    break
+            if not pending:
+                return
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        if settle is not None:
+            settle(list(pending))
 
 
 def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
@@ -26,19 +49,5 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
         for item in items:
             yield func(item)
         return
-    pending: deque[Future[R]] = deque()
-    todo = iter(items)
     with ThreadPoolExecutor(threads, thread_name_prefix="equiseg", initializer=initializer) as pool:
-        try:
-            while True:
-                for item in todo:
-                    pending.append(pool.submit(func, item))
-                    if len(pending) > threads:
-                        break
-                if not pending:
-                    return
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
-            wait(pending)
+        yield from in_order(lambda item: pool.submit(func, item), items, threads + 1, settle=wait)
