@@ -1,4 +1,5 @@
-"""Many slides on a Dask cluster: one task per slide, workers keep the model loaded, results stay small.
+"""Many slides on a Dask cluster: one task per slide (and per region of a slide of several), workers keep the
+model loaded, results stay small.
 
 Workers write each slide's files to the output folder themselves (shared storage on a real cluster) and
 return only the `SlideResult`; the caller writes the run manifest. With a local cluster the same machine's
@@ -9,6 +10,7 @@ several tiles to the workers `TILES_PER_TASK` tiles at a time, so one large slid
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from equiseg_wsi.errors import InputError
+from equiseg_wsi.features import build_extractor
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.runner import OutputWriteError, process_slide
+from equiseg_wsi.region_outputs import region_part, save_region_part
+from equiseg_wsi.regions import SlideRegions
+from equiseg_wsi.runner import OutputWriteError, load_cluster_model, process_slide, slide_dir
+from equiseg_wsi.scratch import scratch_area
+from equiseg_wsi.segment import FeatureCache
+from equiseg_wsi.slide import open_slide
 from equiseg_wsi.slide_result import SlideResult
 from equiseg_wsi.threads import in_order
 from equiseg_wsi.tile_features import GroupMapper, TileBatch, TileGroup, group_features
@@ -28,8 +36,38 @@ __all__ = ["DaskExecutor"]
 
 
 def slide_task(source: SlideSource, out_dir: str, job: RunJob) -> SlideResult:
-    """What a worker runs for one slide; the extractor and cluster model are loaded once per worker process."""
-    return process_slide(source, Path(out_dir), job)
+    """What a worker runs for one slide; the extractor and cluster model are loaded once per worker process.
+
+    The regions of a slide of several (its tissue pieces, a TMA's cores) are tasks of their own, so one large
+    slide's segmentation uses every worker too; not on GPU workers, where the slide's task holds the GPU."""
+    elsewhere = None if job.spec.device.startswith("cuda") else functools.partial(_region_tasks, source, out_dir, job)
+    return process_slide(source, Path(out_dir), job, elsewhere=elsewhere)
+
+
+def _region_tasks(source: SlideSource, out_dir: str, job: RunJob, found: SlideRegions, regions: list[str],
+                  run_key: dict[str, str]) -> None:
+    """`region_task` of each region on the cluster, from inside a slide's task (which leaves its worker thread
+    to them while it waits); a region task's failure other than the region's own (recorded in its part) fails
+    the slide."""
+    from dask.distributed import worker_client
+
+    with worker_client() as client:
+        [shared] = client.scatter([found])  # sent once, not with every region (a TMA's tissue map)
+        client.gather([client.submit(region_task, source, out_dir, job, shared, region, run_key, pure=False,
+                                     key=f"equiseg-region-{source.name}-{region}") for region in regions])
+
+
+def region_task(source: SlideSource, out_dir: str, job: RunJob, found: SlideRegions, region: str,
+                run_key: dict[str, str]) -> None:
+    """What a worker runs for one region of a slide: the region's outputs, saved as its part in the slide's
+    folder (`region_outputs.REGION_RECORDS`), from which the slide's task assembles the slide."""
+    out, options = Path(out_dir), job.options
+    area = next(a for a in found.areas if a.name == region)
+    cache = FeatureCache(job.feature_cache) if job.feature_cache else None
+    with open_slide(source.path, backend=options.regions.backend, mpp=source.mpp or options.regions.mpp) as slide:
+        part = region_part(slide, source, found, area, slide_dir(out, source), build_extractor(job.spec), options,
+                           load_cluster_model(job.kmeans_model), no_progress, run_key, scratch_area(out), cache)
+    save_region_part(slide_dir(out, source), part)
 
 
 @dataclass

@@ -364,14 +364,28 @@ def label_map_to_polygons(
     a tolerance of 0 each segment's area is then ``cell_coverage`` summed over its cells, times ``cell**2``.
     """
     arr = _check_labels(labels)
-    cover = _to_level0(_cell_polygons(arr, simplify_tolerance, simplify_boundary), placement)
+    cells = _cell_polygons(arr, simplify_tolerance, simplify_boundary)
+    exact = {k for k, g in cells.items() if _exact_copy(g, placement)}
+    cover = _to_level0(cells, placement)
     if clip is not None:
         box = shapely.box(*clip)
-        cover = {k: g if box.covers(g) else _polygonal(shapely.intersection(g, box)) for k, g in cover.items()}
+        cut = {k for k, g in cover.items() if not box.covers(g)}
+        cover = {k: _polygonal(shapely.intersection(g, box)) if k in cut else g for k, g in cover.items()}
         cover = {k: g for k, g in cover.items() if not g.is_empty}
+        exact -= cut
     if not snap:
         return cover
-    return {k: snap_valid(g) for k, g in cover.items()}
+    return {k: g if k in exact else snap_valid(g) for k, g in cover.items()}
+
+
+def _exact_copy(cells: BaseGeometry, placement: GridPlacement) -> bool:
+    """Whether the level-0 copy of a valid geometry in cell units is exact and already on QuPath's grid: integer
+    vertices, an integer cell side and offset make every level-0 vertex an exact integer (so snapping moves none
+    and the copy is as valid as the geometry traced), and spares a second validity check per segment."""
+    if not all(float(v).is_integer() and abs(v) < 2**40 for v in (placement.cell, placement.x0, placement.y0)):
+        return False
+    coords = shapely.get_coordinates(cells)
+    return bool(np.all(coords == np.round(coords)) and np.all(np.abs(coords) < 2**40))
 
 
 def tissue_outline(

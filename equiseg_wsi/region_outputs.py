@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunOptions
 from equiseg_wsi.polygons import GridPlacement, label_map_to_polygons, tissue_outline
 from equiseg_wsi.progress import ProgressCallback
-from equiseg_wsi.regions import Failures, SlideRegions
+from equiseg_wsi.regions import Failures, RegionArea, SlideRegions
 from equiseg_wsi.segment import FeatureCache, RegionSegmentation, segment_region
 from equiseg_wsi.slide import Slide
 from equiseg_wsi.slide_result import SlideResult
@@ -65,6 +65,7 @@ class _RegionPart:
     error: str | None = None
     run_key: dict[str, str] = field(default_factory=dict)
     exemplars: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, when it was computed (not for resumes)
 
 
 def _region_record(folder: Path, region: str) -> Path:
@@ -82,58 +83,54 @@ def _load_region_part(folder: Path, region: str, key: dict[str, str]) -> _Region
     return part
 
 
-def _save_region_part(folder: Path, part: _RegionPart) -> None:
+def save_region_part(folder: Path, part: _RegionPart) -> None:
     # the fields as they are: `asdict` deep-copies every coordinate list (4 s of a 28 s two-region slide)
     record = {f.name: getattr(part, f.name) for f in fields(part)}
     text = json.dumps(record, separators=(",", ":"), default=json_default) + "\n"
     atomic_write_text(_region_record(folder, part.region), text, fsync=False)
 
 
+# Computes the parts of the named regions of a slide elsewhere (a distributed run's workers) and saves each
+# (`REGION_RECORDS`) before the slide is assembled from them: (what was found, region names, the run key).
+RegionMapper = Callable[[SlideRegions, list[str], dict[str, str]], None]
+
+
 def segment_regions(
     slide: Slide, source: SlideSource, found: SlideRegions, folder: Path, extractor: Extractor,
     options: RunOptions, model: ClusterModel | None, progress: ProgressCallback, result: SlideResult,
-    scratch: Path, cache: FeatureCache | None = None,
+    scratch: Path, cache: FeatureCache | None = None, elsewhere: RegionMapper | None = None,
 ) -> SlideOutputs:
     """Segment each region; a region that fails (e.g. too little tissue for K clusters) is recorded and the
     slide's other regions go on. Raises when no region could be segmented.
 
     A slide of several regions saves each finished region (`REGION_RECORDS`); a rerun after an interruption
-    takes the regions finished with the same run key from there (not with `overwrite`) and redoes the rest."""
-    offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
-    k = model.k if model is not None else options.segment.n_clusters
+    takes the regions finished with the same run key from there (not with `overwrite`) and redoes the rest.
+    `elsewhere`, for a slide of several regions, computes the regions still to do in parallel first (each
+    saved like a finished region); any it did not save are computed here."""
     out = SlideOutputs()
     failures = Failures()
-    t_features = 0.0
     per_region = len(found.areas) > 1
+    fresh: set[str] = set()  # regions whose saved part was made in this run (by `elsewhere`)
+    if per_region and elsewhere is not None:
+        fresh = {a.name for a in found.areas
+                 if options.overwrite or _load_region_part(folder, a.name, result.run_key) is None}
+        if fresh:
+            elsewhere(found, sorted(fresh), result.run_key)
+    t_segment = 0.0
     for area in found.areas:
-        part = _load_region_part(folder, area.name, result.run_key) if per_region and not options.overwrite else None
-        if part is None:
-            t1 = time.perf_counter()
-            part = _RegionPart(area.name, run_key=result.run_key)
-            with failures.catch(source.name, area.name):
-                seg = segment_region(slide, area, extractor, options.segment, model=model, progress=progress,
-                                     scratch_dir=scratch, cache=cache)
-                t_features += time.perf_counter() - t1
-                for stage, secs in seg.seconds.items():
-                    result.seconds[stage] = round(result.seconds.get(stage, 0.0) + secs, 3)
-                t1 = time.perf_counter()
-                part.warnings = list(seg.warnings)
-                coverage = seg.coverage()
-                row = compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um,
-                                         region_identity(source, found, area.name, options), coverage)
-                part.tissue_area_mm2 = float(coverage[seg.labels > 0].sum()) * seg.cell_um**2 / 1e6
-                names = cluster_names(k, options.cluster_names)
-                part.annotations = _region_annotations(source, seg, names, offset, options.simplify_cells)
-                pictures = _region_pictures(slide, folder, seg, names, options.segment.target_mpp)
-                part.pictures = [p.name for p in pictures]
-                part.exemplars = exemplar_records(area.name, seg.exemplars, slide.mpp)
-                part.row = row
-                result.seconds["export"] = round(result.seconds.get("export", 0.0) + time.perf_counter() - t1, 3)
-            if part.row is None:
-                part.error = next(f.error for f in failures if f.region == area.name)
-            if per_region:
-                _save_region_part(folder, part)
-        elif part.error is not None:
+        part = None
+        if per_region and (area.name in fresh or not options.overwrite):
+            part = _load_region_part(folder, area.name, result.run_key)
+        if part is None or area.name in fresh:
+            if part is None:
+                part = region_part(slide, source, found, area, folder, extractor, options, model, progress,
+                                   result.run_key, scratch, cache)
+                if per_region:
+                    save_region_part(folder, part)
+            for stage, secs in part.seconds.items():
+                result.seconds[stage] = round(result.seconds.get(stage, 0.0) + secs, 3)
+            t_segment += part.seconds.get("segment", 0.0)
+        if part.error is not None:
             failures.add(source.name, area.name, part.error)
         result.warnings.extend(part.warnings)
         if part.row is not None:
@@ -146,8 +143,41 @@ def segment_regions(
     if not result.regions:
         reasons = "; ".join(f"{f.region}: {f.error}" for f in failures)
         raise NoTissueError(f"{source.path}: no region could be segmented ({reasons})")
-    result.seconds["segment"] = round(t_features, 3)
+    result.seconds["segment"] = round(t_segment, 3)
     return out
+
+
+def region_part(
+    slide: Slide, source: SlideSource, found: SlideRegions, area: RegionArea, folder: Path, extractor: Extractor,
+    options: RunOptions, model: ClusterModel | None, progress: ProgressCallback, run_key: dict[str, str],
+    scratch: Path, cache: FeatureCache | None = None,
+) -> _RegionPart:
+    """One region segmented, its pictures written and the rest of its outputs (row, annotations) returned; an
+    `EquisegError` becomes the part's error. Its seconds per stage are kept with it."""
+    k = model.k if model is not None else options.segment.n_clusters
+    offset = slide.bounds_offset if options.apply_bounds_offset else (0, 0)
+    failures = Failures()
+    part = _RegionPart(area.name, run_key=run_key)
+    t1 = time.perf_counter()
+    with failures.catch(source.name, area.name):
+        seg = segment_region(slide, area, extractor, options.segment, model=model, progress=progress,
+                             scratch_dir=scratch, cache=cache)
+        part.seconds = {**seg.seconds, "segment": time.perf_counter() - t1}
+        t1 = time.perf_counter()
+        part.warnings = list(seg.warnings)
+        coverage = seg.coverage()
+        part.row = compute_biomarkers(seg.labels, seg.rgb, k, seg.cell_um,
+                                      region_identity(source, found, area.name, options), coverage)
+        part.tissue_area_mm2 = float(coverage[seg.labels > 0].sum()) * seg.cell_um**2 / 1e6
+        names = cluster_names(k, options.cluster_names)
+        part.annotations = _region_annotations(source, seg, names, offset, options.simplify_cells)
+        pictures = _region_pictures(slide, folder, seg, names, options.segment.target_mpp)
+        part.pictures = [p.name for p in pictures]
+        part.exemplars = exemplar_records(area.name, seg.exemplars, slide.mpp)
+        part.seconds["export"] = time.perf_counter() - t1
+    if part.row is None:
+        part.error = next(f.error for f in failures if f.region == area.name)
+    return part
 
 
 def region_identity(source: SlideSource, found: SlideRegions, region: str, options: RunOptions) -> dict[str, Any]:

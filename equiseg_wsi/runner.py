@@ -39,7 +39,7 @@ from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob, RunOptions
 from equiseg_wsi.output_names import stable_names
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.region_outputs import REGION_RECORDS, region_identity, segment_regions
+from equiseg_wsi.region_outputs import REGION_RECORDS, RegionMapper, region_identity, segment_regions
 from equiseg_wsi.regions import open_regions
 from equiseg_wsi.run_files import check_writable, write_run_outputs
 from equiseg_wsi.run_key import changed_parts, run_key
@@ -81,13 +81,13 @@ class RunStopped(EquisegError):
         self.reason = reason or message  # what the manifest's "stopped" says: a signal's name, or the write error
 
 
-def _slide_dir(out_dir: Path, source: SlideSource) -> Path:
+def slide_dir(out_dir: Path, source: SlideSource) -> Path:
     return out_dir / source.name
 
 
 def load_record(out_dir: Path, source: SlideSource) -> SlideResult | None:
     """A finished slide's record, or None when the slide must be (re)done."""
-    path = _slide_dir(out_dir, source) / SLIDE_RECORD
+    path = slide_dir(out_dir, source) / SLIDE_RECORD
     if not path.is_file():
         return None
     try:
@@ -158,14 +158,15 @@ def load_cluster_model(path: str | None) -> ClusterModel | None:
     return _cached_cluster_model(str(path), (st.st_mtime_ns, st.st_size))
 
 
-def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: ProgressCallback = no_progress
-                  ) -> SlideResult:
+def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: ProgressCallback = no_progress,
+                  elsewhere: RegionMapper | None = None) -> SlideResult:
     """Segment every region of one slide and write its outputs; errors become a failed result, not a raise.
 
     A slide complete from an earlier run with the same run key is skipped (unless `overwrite`); one made with
     other options, model or input is redone, its changed parts in `redone`. Large intermediates go to the
     output folder's scratch area. Raises `OutputWriteError` (the result attached) when the output folder takes
-    no more writes: every later slide would fail the same way."""
+    no more writes: every later slide would fail the same way. `elsewhere`: see `segment_regions` (not used
+    when the slide fits its own model, `--clustering slide`, which its regions would need)."""
     options = job.options
     start = time.perf_counter()
     result = SlideResult(name=source.name, path=str(source.path), status="failed")
@@ -183,14 +184,14 @@ def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: 
         model = load_cluster_model(job.kmeans_model)
         cache = FeatureCache(job.feature_cache) if job.feature_cache else None
         if model is None and options.clustering == "slide":  # one model for the slide's regions, features kept
-            model, _ = fit_regions([source], job, cache=cache)
-        _segment_slide(source, out_dir, extractor, options, model, progress, result, cache)
+            model, elsewhere = fit_regions([source], job, cache=cache)[0], None
+        _segment_slide(source, out_dir, extractor, options, model, progress, result, cache, elsewhere)
         _remove_old_outputs(out_dir, previous, result)
         result.status = "done"
         result.seconds["total"] = round(time.perf_counter() - start, 3)
-        record = _slide_dir(out_dir, source) / SLIDE_RECORD
+        record = slide_dir(out_dir, source) / SLIDE_RECORD
         atomic_write_text(record, json.dumps(result.as_dict(), indent=1) + "\n")  # written last; keeps column order
-        shutil.rmtree(_slide_dir(out_dir, source) / REGION_RECORDS, ignore_errors=True)  # the record supersedes them
+        shutil.rmtree(slide_dir(out_dir, source) / REGION_RECORDS, ignore_errors=True)  # the record supersedes them
         return result
     except Exception as exc:  # one bad slide must not stop a batch; the manifest carries the cause
         result.status = "failed"
@@ -211,7 +212,7 @@ def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: 
 
 def _forget_slide(out_dir: Path, source: SlideSource) -> None:
     """Before (re)doing a slide: its old record no longer vouches for its files, and a killed run's temporaries go."""
-    folder = _slide_dir(out_dir, source)
+    folder = slide_dir(out_dir, source)
     (folder / SLIDE_RECORD).unlink(missing_ok=True)
     remove_stale_temporaries(folder)
 
@@ -236,18 +237,19 @@ def _segment_slide(
     progress: ProgressCallback,
     result: SlideResult,
     cache: FeatureCache | None = None,
+    elsewhere: RegionMapper | None = None,
 ) -> None:
     t0 = time.perf_counter()
     with open_regions(source, options.regions) as (slide, found):
         result.warnings.extend(slide.warnings)  # e.g. glass far from neutral (a colour-space problem)
-        folder = _slide_dir(out_dir, source)
+        folder = slide_dir(out_dir, source)
         outputs: list[Path] = []
         if found.grid is not None:
             outputs.extend(export_dearray(found.grid, slide, folder, case_ids=options.case_ids).values())
         result.seconds["tissue"] = round(time.perf_counter() - t0, 3)
         folder.mkdir(parents=True, exist_ok=True)
         features = segment_regions(slide, source, found, folder, extractor, options, model, progress, result,
-                                    scratch_area(out_dir), cache)
+                                    scratch_area(out_dir), cache, elsewhere)
         outputs.extend(features.pictures)
         if found.grid is not None:  # every missing grid position gets a row too, with present = False
             result.regions = with_missing_cores(

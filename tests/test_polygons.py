@@ -299,3 +299,39 @@ def test_min_cells_one_is_identity(real_labels: np.ndarray) -> None:
     out = remove_small_segments(real_labels, 1)
     assert np.array_equal(out, real_labels) and out is not real_labels
     assert out.dtype == np.int32
+
+
+# ------------------------------------------------------------------------------------ exact copies, snapping
+
+
+@pytest.mark.parametrize("placement", [GridPlacement(x0=2048.0, y0=512.0, cell=4.0), PLACEMENT])
+def test_integer_placement_needs_no_snapping_and_gives_what_snapping_gives(
+    real_clean: np.ndarray, placement: GridPlacement, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An integer cell and offset scale traced (integer) vertices exactly, already on QuPath's 0.01 px grid: the
+    segments skip `snap_valid` and still equal, vertex for vertex, what snapping them gives."""
+    import equiseg_wsi.polygons as polygons
+
+    raw = label_map_to_polygons(real_clean, placement, 0, snap=False)
+    expected = {k: snap_valid(g) for k, g in raw.items()}
+    calls: list[int] = []
+    real_snap = polygons.snap_valid
+    monkeypatch.setattr(polygons, "snap_valid", lambda g, *a: calls.append(1) or real_snap(g, *a))
+    got = label_map_to_polygons(real_clean, placement, 0)
+    assert list(got) == list(expected)
+    for k in got:
+        assert shapely.get_coordinates(got[k]).tolist() == shapely.get_coordinates(expected[k]).tolist()
+        assert got[k].is_valid
+    integer = placement.cell.is_integer() and placement.x0.is_integer() and placement.y0.is_integer()
+    assert len(calls) == (0 if integer else len(expected))
+
+
+def test_a_clipped_segment_is_snapped_again() -> None:
+    labels = np.ones((4, 4), np.int32)
+    labels[:, 2:] = 2
+    clip = (0.0, 0.0, 16.0, 10.005)  # cuts label 1 and 2 off the 0.01 px grid
+    polys = label_map_to_polygons(labels, GridPlacement(0.0, 0.0, 4.0), 0, clip=clip)
+    for g in polys.values():
+        coords = shapely.get_coordinates(g)
+        assert np.allclose(coords * 100, np.round(coords * 100)) and g.is_valid
+        assert g.bounds[3] == pytest.approx(10.01, abs=1e-9) or g.bounds[3] == pytest.approx(10.0, abs=1e-9)

@@ -31,7 +31,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = copy_sample_cores(tmp_path_factory.mktemp("in"), 6)
-    shutil.copy(REPO / "sample_data" / "CMU-1-Small-Region.svs", folder)  # a slide of two regions among cores
+    shutil.copy(REPO / "sample_data" / "CMU-1-Small-Region.svs", folder)  # a slide among cores
     return folder
 
 
