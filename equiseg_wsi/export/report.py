@@ -31,6 +31,7 @@ from equiseg_wsi.export.geojson import cluster_class_name, cluster_color
 from equiseg_wsi.export.report_charts import cluster_bars, tma_grid
 from equiseg_wsi.export.report_data import Slide, esc, fraction_columns, hex_color, load_slide, number, present, short
 from equiseg_wsi.export.report_images import THUMBNAIL_SIDE, figure, image_uri, overlay_figures, slide_thumbnail
+from equiseg_wsi.threads import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ REPORT_NAME = "report.html"
 DEFAULT_BIOMARKER = "c1_fraction"
 
 MAX_EMBEDDED_SLIDES = 100  # slides past these link their pictures (relative paths) instead of embedding them
+# slides drawn at once: decoding and shrinking their pictures (PIL, outside the GIL) is most of a report's time
+REPORT_THREADS = 2
 #: options and model entries shown without unfolding (by their last dotted name)
 _KEY_OPTIONS = ("n_clusters", "clustering", "cluster_names", "target_mpp", "refine", "glass", "seed", "tma")
 _KEY_MODEL = ("kind", "layer", "source", "kmeans_model")
@@ -109,7 +112,8 @@ def report_html(out_dir: str | os.PathLike[str], *, biomarker: str = DEFAULT_BIO
         _run_pictures(folder),
         _failures(manifest, slides),
     ]
-    parts.extend(_slide_section(folder, s, k, names, biomarker, scale, slide_thumbnails, manifest) for s in slides)
+    parts.extend(ordered_map(lambda s: _slide_section(folder, s, k, names, biomarker, scale, slide_thumbnails,
+                                                      manifest), slides, REPORT_THREADS))
     parts.append("</main></body></html>\n")
     return "\n".join(p for p in parts if p)
 
