@@ -14,8 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from equiseg_wsi.blas import one_blas_thread
+from equiseg_wsi.threads import ordered_map
 
 __all__ = ["KMeansFit", "kmeans"]
+
+# Lloyd runs from different starts are independent: a large fit (the run-wide one, up to 50,000 x 512 values)
+# runs two at a time, each on one BLAS thread, so the result is the one of one thread; a region's fit of a few
+# thousand rows stays inline.
+LLOYD_THREADS = 2
+THREADED_ELEMENTS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,11 @@ def _kmeans(data: np.ndarray, k: int, n_init: int, max_iter: int, tol: float, se
     x_sq = np.einsum("nc,nc->n", data, data)
     threshold = tol * float(data.var(axis=0).mean())
     rng = np.random.default_rng(seed)
+    starts = [_seed(data, x_sq, k, rng) for _ in range(max(1, int(n_init)))]  # drawn in order, as one generator
+    threads = LLOYD_THREADS if data.size >= THREADED_ELEMENTS else 1
     best: KMeansFit | None = None
-    for _ in range(max(1, int(n_init))):
-        centers, labels, inertia, n_iter = _lloyd(data, x_sq, _seed(data, x_sq, k, rng), max_iter, threshold)
+    for centers, labels, inertia, n_iter in ordered_map(lambda c: _lloyd(data, x_sq, c, max_iter, threshold),
+                                                         starts, threads):
         if best is None or inertia < best.inertia:
             best = KMeansFit(centers, labels, inertia, n_iter)
     assert best is not None

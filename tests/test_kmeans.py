@@ -84,3 +84,26 @@ def test_blas_runs_on_one_thread_inside_the_fit_and_the_assignment(monkeypatch: 
         model.predict(x.astype(np.float32))
         assert set(seen) == {1}
         assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == {2}  # restored
+
+
+def test_starts_run_two_at_a_time_with_the_result_of_one_at_a_time(core_features: np.ndarray,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The starts are drawn in order before the Lloyd runs, which then run on two threads: the fit is the one
+    of seeding and running each start in turn, bit for bit."""
+    import equiseg_wsi.kmeans as km
+
+    x = core_features.astype(np.float64)
+    x_sq = np.einsum("nc,nc->n", x, x)
+    threshold = 1e-4 * float(x.var(axis=0).mean())
+    rng = np.random.default_rng(3)
+    runs = [km._lloyd(x, x_sq, km._seed(x, x_sq, 4, rng), 300, threshold) for _ in range(5)]  # one at a time
+    best = min(range(5), key=lambda i: (runs[i][2], i))
+    monkeypatch.setattr(km, "THREADED_ELEMENTS", 0)
+    used: list[int] = []
+    real_map = km.ordered_map
+    monkeypatch.setattr(km, "ordered_map",
+                        lambda f, items, threads: used.append(threads) or real_map(f, items, threads))
+    fit = km.kmeans(core_features, 4, n_init=5, seed=3)
+    assert used == [km.LLOYD_THREADS] and km.LLOYD_THREADS == 2
+    assert np.array_equal(fit.centers, runs[best][0]) and np.array_equal(fit.labels, runs[best][1])
+    assert fit.inertia == runs[best][2]
