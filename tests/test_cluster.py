@@ -324,3 +324,18 @@ def test_mismatch_names_the_keys() -> None:
         m.check_compatible({**IDENTITY, "model_sha256": "zzz", "target_mpp": 1.0})
     with pytest.raises(ModelMismatchError, match="input_norm"):
         m.check_compatible({k: v for k, v in IDENTITY.items() if k != "input_norm"})
+
+
+def test_optical_density_table_equals_the_formula_for_every_colour() -> None:
+    """8-bit colours go through a per-value table: bit for bit the Beer-Lambert formula, for all 2**24 colours."""
+    import equiseg_wsi.cluster as cluster
+
+    v = np.arange(256, dtype=np.uint8)
+    every = np.stack(np.meshgrid(v, v, v, indexing="ij"), axis=-1).reshape(-1, 3)
+    formula = cluster._optical_density(every)
+    assert formula.dtype == np.float32
+    assert np.array_equal(optical_density(every), formula)
+    rgba = np.concatenate([every[:1000], np.full((1000, 1), 7, np.uint8)], axis=1)
+    assert np.array_equal(optical_density(rgba), formula[:1000])  # alpha ignored
+    expected = -np.log10((every[:5000].astype(np.float64) + 1) / 256).mean(axis=1)
+    assert np.allclose(formula[:5000], expected, rtol=1e-6, atol=1e-6)
