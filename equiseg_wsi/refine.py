@@ -49,13 +49,16 @@ def _box_sum(a: np.ndarray, radius: int) -> np.ndarray:
     (arithmetic modulo 2**32) while a window's true sum fits in int32: (2r+1)² x 4080 does for r < 360."""
     if a.ndim == 3:  # channel by channel: running sums over contiguous planes are several times faster
         return np.stack([_box_sum(a[..., i], radius) for i in range(a.shape[2])], axis=-1)
-    padded = np.pad(a.astype(np.int32), [(radius + 1, radius)] * 2, mode="symmetric")
+    padded = np.pad(a if a.dtype == np.int32 else a.astype(np.int32), [(radius + 1, radius)] * 2, mode="symmetric")
     padded[0] = 0
     padded[:, 0] = 0
-    c = padded.cumsum(axis=0, dtype=np.int32).cumsum(axis=1, dtype=np.int32)
+    c = np.cumsum(np.cumsum(padded, axis=0, out=padded), axis=1, out=padded)  # in place: the same sums
     n = 2 * radius + 1
     with np.errstate(over="ignore"):
-        return np.asarray(c[n:, n:] - c[:-n, n:] - c[n:, :-n] + c[:-n, :-n])
+        out = c[n:, n:] - c[:-n, n:]
+        out -= c[n:, :-n]
+        out += c[:-n, :-n]
+    return out
 
 
 def _smoothed(rgb: np.ndarray) -> np.ndarray:
@@ -90,11 +93,13 @@ def colour_refine(labels: np.ndarray, rgb: np.ndarray, factor: int, tissue: np.n
         n = np.maximum(count, 1)
         dist = np.zeros(fine.shape)
         for plane in img:  # squared colour distance to the local mean, summed over the channels in order
-            dist += (plane - _box_sum(plane * p, radius) / n) ** 2
+            diff = np.divide(_box_sum(plane * p, radius), n, dtype=np.float64)
+            np.subtract(diff, plane, out=diff)  # (mean - colour)² is (colour - mean)², bit for bit
+            dist += np.square(diff, out=diff)
         d = np.where(supported, dist, np.inf)
         take = d < best  # strictly smaller: ties keep the lower cluster id
-        choice[take] = cluster
-        best[take] = d[take]
+        np.copyto(choice, cluster, where=take)
+        np.copyto(best, d, where=take)
         n_supported += supported
     border = (n_supported > 1) | ((fine == 0) & (n_supported > 0))
     out = np.where(border, choice, fine).astype(np.int32)
