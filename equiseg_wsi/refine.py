@@ -55,7 +55,7 @@ def _box_sum(a: np.ndarray, radius: int) -> np.ndarray:
     c = np.cumsum(np.cumsum(padded, axis=0, out=padded), axis=1, out=padded)  # in place: the same sums
     n = 2 * radius + 1
     with np.errstate(over="ignore"):
-        out = c[n:, n:] - c[:-n, n:]
+        out: np.ndarray = c[n:, n:] - c[:-n, n:]
         out -= c[n:, :-n]
         out += c[:-n, :-n]
     return out

@@ -8,14 +8,19 @@ loop goes on. Callers wrap their per-region work in `failures.catch(...)` so one
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from equiseg_wsi.errors import EquisegError, InputError, NoTissueError, one_line
+from equiseg_wsi.export.atomic import atomic_path
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RegionOptions
 from equiseg_wsi.slide import Slide, open_slide
@@ -143,13 +148,43 @@ def slide_regions(slide: Slide, source: SlideSource, options: RegionOptions) -> 
 
 
 @contextmanager
-def open_regions(source: SlideSource, options: RegionOptions) -> Iterator[tuple[Slide, SlideRegions]]:
-    """Open `source` and find its regions; raises `NoTissueError` when it has none."""
+def open_regions(source: SlideSource, options: RegionOptions, cache: Path | None = None
+                 ) -> Iterator[tuple[Slide, SlideRegions]]:
+    """Open `source` and find its regions; raises `NoTissueError` when it has none. With a `cache` folder (a
+    run's feature cache) what was found is kept there, so the segmentation after a run-wide fit does not find
+    the slide's tissue (and dearray a TMA) again."""
     with open_slide(source.path, backend=options.backend, mpp=source.mpp or options.mpp) as slide:
-        found = slide_regions(slide, source, options)
+        found = slide_regions(slide, source, options) if cache is None else _cached_regions(slide, source, options,
+                                                                                            cache)
         if not found.areas:
             raise NoTissueError(f"{source.path}: no tissue found (tissue fraction {found.tissue.tissue_fraction:.1%})")
         yield slide, found
+
+
+def _cached_regions(slide: Slide, source: SlideSource, options: RegionOptions, folder: Path) -> SlideRegions:
+    """`slide_regions`, read from `folder` when this run found them already (same file, source and options).
+
+    Pickled: the run's own files in its output folder's hidden cache, removed at the end of the run."""
+    try:
+        st = Path(source.path).stat()
+        stamp = [str(Path(source.path).resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return slide_regions(slide, source, options)
+    text = json.dumps({"file": stamp, "source": asdict(source), "options": asdict(options)}, sort_keys=True,
+                      default=str)
+    path = folder / f"regions-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pickle"
+    try:
+        with open(path, "rb") as fh:
+            found = pickle.load(fh)
+        if isinstance(found, SlideRegions):
+            return found
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, TypeError, ValueError):
+        pass
+    found = slide_regions(slide, source, options)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as fh:
+        pickle.dump(found, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    return found
 
 
 @dataclass
@@ -173,12 +208,13 @@ def each_region(
     failures: Failures,
     *,
     on_region: Callable[[str], None] | None = None,
+    cache: Path | None = None,
 ) -> Iterator[RegionItem]:
     """Every region of every source, in input order; slides that fail to open or have no tissue are recorded
-    in `failures` (region '') and skipped."""
+    in `failures` (region '') and skipped. `cache`: see `open_regions`."""
     for source in sources:
         with failures.catch(source.name):
-            with open_regions(source, options) as (slide, found):
+            with open_regions(source, options, cache) as (slide, found):
                 for area in found.areas:
                     if on_region is not None:
                         on_region(f"{source.name}/{area.name}")

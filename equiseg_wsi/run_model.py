@@ -118,7 +118,8 @@ def _sample_source(source: SlideSource, job: RunJob, cache: FeatureCache | None,
     failures = Failures()
     out = _SourceSample(seconds={"regions": 0.0, "read": 0.0, "cnn": 0.0})
     clock = time.perf_counter()
-    for item in each_region([source], job.options.regions, failures, on_region=on_region):
+    for item in each_region([source], job.options.regions, failures, on_region=on_region,
+                            cache=None if cache is None else cache.folder):
         out.seconds["regions"] += time.perf_counter() - clock
         remote = None if mapper is None else remote_tiles(
             mapper, job.options.regions.backend, item.source.mpp or job.options.regions.mpp, job.spec, seg)

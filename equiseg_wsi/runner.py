@@ -240,7 +240,7 @@ def _segment_slide(
     elsewhere: RegionMapper | None = None,
 ) -> None:
     t0 = time.perf_counter()
-    with open_regions(source, options.regions) as (slide, found):
+    with open_regions(source, options.regions, None if cache is None else cache.folder) as (slide, found):
         result.warnings.extend(slide.warnings)  # e.g. glass far from neutral (a colour-space problem)
         folder = slide_dir(out_dir, source)
         outputs: list[Path] = []
