@@ -198,20 +198,20 @@ def _geometry_dict(geometry: Any, on_grid: bool = False) -> dict[str, Any]:
     return {"type": snapped.geom_type, "coordinates": _snapped_coords(snapped)}
 
 
-def _ring_coords(ring: Any) -> list[list[float]]:
-    coords: list[list[float]] = (np.round(np.asarray(ring.coords, dtype=np.float64), 2) + 0.0).tolist()
-    return coords
-
-
 def _snapped_coords(geom: BaseGeometry) -> list[Any]:
     """GeoJSON coordinates of a (Multi)Polygon already snapped to 0.01 px: rounded to two decimals as plain
-    floats (negative zero folded to zero), in numpy rather than per number in Python."""
-    def polygon(p: Any) -> list[list[list[float]]]:
-        return [_ring_coords(p.exterior), *(_ring_coords(r) for r in p.interiors)]
-
-    if geom.geom_type == "Polygon":
-        return polygon(geom)
-    return [polygon(p) for p in shapely.get_parts(geom)]
+    floats (negative zero folded to zero), in numpy rather than per number in Python, for all rings at once
+    (a core's segments have thousands of rings)."""
+    parts = [geom] if geom.geom_type == "Polygon" else list(shapely.get_parts(geom))
+    rings, owner = shapely.get_rings(parts, return_index=True)  # each polygon's exterior, then its holes
+    ends = np.cumsum(shapely.get_num_coordinates(rings)).tolist()
+    flat: list[list[float]] = (np.round(shapely.get_coordinates(rings), 2) + 0.0).tolist()
+    polygons: list[list[list[list[float]]]] = [[] for _ in parts]
+    start = 0
+    for i, end in zip(owner.tolist(), ends, strict=True):
+        polygons[i].append(flat[start:end])
+        start = end
+    return polygons[0] if geom.geom_type == "Polygon" else polygons
 
 
 def qupath_feature(
