@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import replace
@@ -81,6 +82,9 @@ def run(
     from equiseg_wsi.stop_signals import signal_name, signal_number, stop_on_signals
 
     started = time.perf_counter()
+    # a run makes millions of short-lived lists (polygon coordinates) and few reference cycles: with Python's
+    # default thresholds (700, 10, 10) its cycle collector took 0.83 s of a 19 s 8-core run, 0.17 s with these
+    gc.set_threshold(20_000, 20, 20)
     if scheduler and workers:
         raise click.UsageError("give either --scheduler or --workers, not both")
     executor = _executor(scheduler, workers)  # before any work: a missing Dask extra fails at once
