@@ -175,15 +175,16 @@ def _cached_regions(slide: Slide, source: SlideSource, options: RegionOptions, f
     path = folder / f"regions-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pickle"
     try:
         with open(path, "rb") as fh:
-            found = pickle.load(fh)
-        if isinstance(found, SlideRegions):
+            found, warnings = pickle.load(fh)
+        if isinstance(found, SlideRegions) and isinstance(warnings, list):
+            slide.checked_before(warnings)  # the glass colour check ran on the tissue search's read
             return found
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, TypeError, ValueError):
         pass
     found = slide_regions(slide, source, options)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as fh:
-        pickle.dump(found, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump((found, list(slide.warnings)), fh, protocol=pickle.HIGHEST_PROTOCOL)
     return found
 
 

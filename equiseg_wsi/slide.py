@@ -396,6 +396,11 @@ class Slide:
                 self._check_glass(self.read_level(level, 0, 0, lv.width, lv.height))
         return list(self.warnings)
 
+    def checked_before(self, warnings: list[str]) -> None:
+        """The glass was checked when this slide was opened before in the run (`warnings` as found then)."""
+        self._glass_checked = True
+        self.warnings.extend(w for w in warnings if w not in self.warnings)
+
     def _check_glass(self, rgb: np.ndarray) -> None:
         """Once per slide, on the first whole-image read: a line in `warnings` when the glass is not neutral."""
         if self._glass_checked:

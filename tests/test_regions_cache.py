@@ -1,6 +1,7 @@
-"""What a run-wide fit found on each slide (tissue, TMA grid, regions) is kept in the run's feature cache, so the
-segmentation after it does not find the tissue (or dearray a TMA) again; a changed input or damaged entry is
-found afresh, and the cache is gone after the run."""
+"""What a run-wide fit found on each slide (tissue, TMA grid, regions, the glass colour warning) is kept in the
+run's feature cache, so the segmentation after it does not find the tissue (or dearray a TMA) again; a changed
+input or damaged entry is found afresh, and the cache is gone after the run. (The DICOM slide's colour warning
+reaching the manifest through the cache is `test_dicom_glass`'s run test.)"""
 
 from __future__ import annotations
 
