@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import pickle
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -172,19 +173,21 @@ def _cached_regions(slide: Slide, source: SlideSource, options: RegionOptions, f
         return slide_regions(slide, source, options)
     text = json.dumps({"file": stamp, "source": asdict(source), "options": asdict(options)}, sort_keys=True,
                       default=str)
-    path = folder / f"regions-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pickle"
+    path = folder / f"regions-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pickle.z"
     try:
-        with open(path, "rb") as fh:
-            found, warnings = pickle.load(fh)
+        found, warnings = pickle.loads(zlib.decompress(path.read_bytes()))
         if isinstance(found, SlideRegions) and isinstance(warnings, list):
             slide.checked_before(warnings)  # the glass colour check ran on the tissue search's read
             return found
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, TypeError, ValueError):
+    except (OSError, EOFError, zlib.error, pickle.UnpicklingError, AttributeError, ImportError, TypeError,
+            ValueError):
         pass
     found = slide_regions(slide, source, options)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as fh:
-        pickle.dump((found, list(slide.warnings)), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    # compressed: each region's tissue mask has the slide's full geometry, mostly zeros (a 10-core TMA's
+    # 2.7 MB pickle is 34 kB, in 4 ms)
+    data = zlib.compress(pickle.dumps((found, list(slide.warnings)), protocol=pickle.HIGHEST_PROTOCOL), 1)
+    with atomic_path(path, fsync=False) as tmp:
+        tmp.write_bytes(data)
     return found
 
 

@@ -57,7 +57,7 @@ def test_a_damaged_or_stale_entry_is_found_afresh(tmp_path: Path, counted: list[
     cache = tmp_path / "cache"
     with regions.open_regions(source, RegionOptions(mpp=0.5), cache) as (_, first):
         pass
-    (entry,) = cache.glob("regions-*.pickle")
+    (entry,) = cache.glob("regions-*.pickle.z")
     with regions.open_regions(source, RegionOptions(mpp=0.5), cache) as (_, again):
         assert [a.name for a in again.areas] == [a.name for a in first.areas]
     assert len(counted) == 1
@@ -67,7 +67,7 @@ def test_a_damaged_or_stale_entry_is_found_afresh(tmp_path: Path, counted: list[
     assert len(counted) == 2
     with regions.open_regions(source, RegionOptions(mpp=0.5, tissue_mpp=16.0), cache):  # other options: another entry
         pass
-    assert len(counted) == 3 and len(list(cache.glob("regions-*.pickle"))) == 2
+    assert len(counted) == 3 and len(list(cache.glob("regions-*.pickle.z"))) == 2
     stat = source.path.stat()
     os.utime(source.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed input (modification time)
     with regions.open_regions(source, RegionOptions(mpp=0.5), cache):
