@@ -351,8 +351,8 @@ def _flat_warning(flat: str | None) -> list[str]:
 
 
 def _vanished(name: str, labels: np.ndarray, k: int) -> list[str]:
-    present = set(np.unique(labels).tolist())
-    missing = [i for i in range(1, k + 1) if i not in present]
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=k + 1)  # not np.unique: no sort of a fine map
+    missing = [i for i in range(1, k + 1) if counts[i] == 0]
     if not missing:
         return []
     names = ", ".join(f"Cluster {i}" for i in missing)
