@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from equiseg_wsi import refine_kernel
 from equiseg_wsi.context import tissue_pixels
 from equiseg_wsi.slide import Slide
 from equiseg_wsi.tissue import TissueMap
@@ -75,12 +76,23 @@ def colour_refine(labels: np.ndarray, rgb: np.ndarray, factor: int, tissue: np.n
     pixel takes the cluster whose local mean colour (over those pixels) is nearest to its own, slightly smoothed,
     colour; elsewhere the cell's label stands. `tissue` is the fine tissue mask: pixels outside it become 0,
     tissue pixels of unlabelled cells next to labelled ones are labelled the same way. Sums are exact integers,
-    so the result rotates exactly with its inputs.
+    so the result rotates exactly with its inputs. Computed in one compiled pass (`refine_kernel`) when numba is
+    there, else in NumPy (`numpy_refine`): the same labels.
     """
     radius = factor
     need = _SUPPORT * (2 * radius + 1) ** 2
     fine = np.repeat(np.repeat(labels, factor, axis=0), factor, axis=1)
-    img = np.ascontiguousarray(_smoothed(rgb).transpose(2, 0, 1))  # channel planes: faster running sums
+    if refine_kernel.available():
+        out = refine_kernel.refine_labels(fine, _smoothed(rgb), radius, need, k).astype(np.int32, copy=False)
+    else:  # pragma: no cover - numba is a dependency
+        out = numpy_refine(fine, _smoothed(rgb), radius, need, k)
+    out[~tissue] = 0
+    return out
+
+
+def numpy_refine(fine: np.ndarray, smoothed: np.ndarray, radius: int, need: float, k: int) -> np.ndarray:
+    """`colour_refine` before the tissue mask, in NumPy: the reference for the compiled pass."""
+    img = np.ascontiguousarray(smoothed.transpose(2, 0, 1))  # channel planes: faster running sums
     best = np.full(fine.shape, np.inf)
     choice = np.zeros(fine.shape, dtype=np.int32)
     n_supported = np.zeros(fine.shape, dtype=np.int32)
@@ -102,8 +114,7 @@ def colour_refine(labels: np.ndarray, rgb: np.ndarray, factor: int, tissue: np.n
         np.copyto(best, d, where=take)
         n_supported += supported
     border = (n_supported > 1) | ((fine == 0) & (n_supported > 0))
-    out = np.where(border, choice, fine).astype(np.int32)
-    out[~tissue] = 0
+    out: np.ndarray = np.where(border, choice, fine).astype(np.int32)
     return out
 
 
