@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,11 @@ def _region_tasks(source: SlideSource, out_dir: str, job: RunJob, found: SlideRe
     the slide."""
     from dask.distributed import worker_client
 
+    run = uuid.uuid4().hex  # as the slides' keys: unique on the scheduler, whatever other runs share it
     with worker_client() as client:
         [shared] = client.scatter([found])  # sent once, not with every region (a TMA's tissue map)
         client.gather([client.submit(region_task, source, out_dir, job, shared, region, run_key, pure=False,
-                                     key=f"equiseg-region-{source.name}-{region}") for region in regions])
+                                     key=f"equiseg-region-{source.name}-{region}-{run}") for region in regions])
 
 
 def region_task(source: SlideSource, out_dir: str, job: RunJob, found: SlideRegions, region: str,
@@ -138,8 +140,9 @@ class DaskExecutor:
 
             client = self._client
             resources = {"GPU": 1} if job.spec.device.startswith("cuda") else None
+            run = uuid.uuid4().hex  # keys name tasks on the whole scheduler: another run's slide is another task
             futures = {
-                client.submit(slide_task, source, str(out_dir), job, key=f"equiseg-slide-{i}-{source.name}",
+                client.submit(slide_task, source, str(out_dir), job, key=f"equiseg-slide-{i}-{source.name}-{run}",
                               pure=False, resources=resources): i
                 for i, source in enumerate(sources)
             }

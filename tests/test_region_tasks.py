@@ -75,3 +75,32 @@ def test_regions_the_workers_did_not_save_are_segmented_by_the_slide(tmp_path: P
     assert result.status == reference.status == "done"
     assert len(asked) == 1 and len(asked[0]) == sum(1 for r in result.regions if r["present"] in (True, "True"))
     assert _outputs(tmp_path / "out") == _outputs(tmp_path / "ref")
+
+
+def test_two_runs_at_once_on_one_scheduler_each_get_their_own_tasks(tmp_path: Path) -> None:
+    """Task keys are the scheduler's identity of a task: two runs of the same inputs into different folders at
+    the same time must not share one slide's or region's task (the second run would get the first one's result
+    and miss its own files)."""
+    import threading
+
+    distributed = pytest.importorskip("distributed")
+    from equiseg_wsi.distributed import DaskExecutor
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(REPO / "sample_data" / "tma" / "tma_3x4.svs", folder)
+    sources = collect_inputs([folder])
+    reports: dict[str, object] = {}
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  env={"OMP_NUM_THREADS": "1"}) as cluster:
+        def run(name: str) -> None:
+            reports[name] = run_folder(sources, tmp_path / name, _job("region"),
+                                       executor=DaskExecutor(scheduler=cluster.scheduler_address))
+
+        runs = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join()
+    a, b = _outputs(tmp_path / "a"), _outputs(tmp_path / "b")
+    assert len(a) > 10 and a == b
