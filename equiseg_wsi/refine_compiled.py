@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["refine", "running_sums"]
+__all__ = ["refine", "running_sums", "window"]
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -23,6 +23,13 @@ def running_sums(lab: np.ndarray, img: np.ndarray, cluster: int, sums: np.ndarra
                 if lab[y, x] == cluster:
                     row += 1 if p == 0 else img[y, x, p - 1]
                 sums[p, y + 1, x + 1] = sums[p, y, x + 1] + row
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def window(sums: np.ndarray, plane: int, y: int, x: int, n: int) -> int:  # pragma: no cover - compiled
+    # the sum of `plane` over the n x n window whose top-left is padded pixel (y, x): pixel (y, x) of the block
+    total: int = sums[plane, y + n, x + n] - sums[plane, y, x + n] - sums[plane, y + n, x] + sums[plane, y, x]
+    return total
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -43,7 +50,7 @@ def refine(lab: np.ndarray, img: np.ndarray, fine: np.ndarray, radius: int, need
         running_sums(lab, img, cluster, sums, False)
         for y in range(h):
             for x in range(w):
-                count = sums[0, y + n, x + n] - sums[0, y, x + n] - sums[0, y + n, x] + sums[0, y, x]
+                count = window(sums, 0, y, x, n)
                 if count >= need:
                     supported[y, x] += 1
     out: np.ndarray = fine.copy()
@@ -57,13 +64,12 @@ def refine(lab: np.ndarray, img: np.ndarray, fine: np.ndarray, radius: int, need
                 s = supported[y, x]
                 if not (s > 1 or (fine[y, x] == 0 and s > 0)):
                     continue  # not a border pixel: its cell's label stands
-                count = sums[0, y + n, x + n] - sums[0, y, x + n] - sums[0, y + n, x] + sums[0, y, x]
+                count = window(sums, 0, y, x, n)
                 if count < need:
                     continue
                 dist = 0.0
                 for c in range(1, 4):  # squared colour distance to the local mean, channels in order
-                    total = sums[c, y + n, x + n] - sums[c, y, x + n] - sums[c, y + n, x] + sums[c, y, x]
-                    diff = img[y + radius, x + radius, c - 1] - total / max(count, 1)
+                    diff = img[y + radius, x + radius, c - 1] - window(sums, c, y, x, n) / max(count, 1)
                     dist += diff * diff
                 if dist < best[y, x]:  # strictly smaller: ties keep the lower cluster id
                     best[y, x] = dist

@@ -40,8 +40,8 @@ def refine_labels(fine: np.ndarray, smoothed: np.ndarray, radius: int, need: flo
     kernel = _compiled()
     if kernel is None:  # pragma: no cover - numba is a dependency
         raise RuntimeError("the compiled refinement needs numba")
-    lab = np.pad(np.ascontiguousarray(fine, dtype=np.int32), radius, mode="symmetric")
+    labels = np.ascontiguousarray(fine, dtype=np.int32)
     img = np.pad(np.ascontiguousarray(smoothed, dtype=np.int32), [(radius, radius), (radius, radius), (0, 0)],
                  mode="symmetric")
-    out: np.ndarray = kernel(lab, img, np.ascontiguousarray(fine, dtype=np.int32), int(radius), float(need), int(k))
+    out: np.ndarray = kernel(np.pad(labels, radius, mode="symmetric"), img, labels, int(radius), float(need), int(k))
     return out

@@ -110,23 +110,28 @@ def segment_regions(
     out = SlideOutputs()
     failures = Failures()
     per_region = len(found.areas) > 1
+    resumed: dict[str, _RegionPart] = {}  # finished by an interrupted run (read once, here or in the loop)
     fresh: set[str] = set()  # regions whose saved part was made in this run (by `elsewhere`)
     if per_region and elsewhere is not None:
-        fresh = {a.name for a in found.areas
-                 if options.overwrite or _load_region_part(folder, a.name, result.run_key) is None}
+        if not options.overwrite:
+            resumed = {a.name: p for a in found.areas
+                       if (p := _load_region_part(folder, a.name, result.run_key)) is not None}
+        fresh = {a.name for a in found.areas} - resumed.keys()
         if fresh:
             elsewhere(found, sorted(fresh), result.run_key)
     t_segment = 0.0
     for area in found.areas:
-        part = None
-        if per_region and (area.name in fresh or not options.overwrite):
+        part = resumed.pop(area.name, None)
+        if part is None and per_region and (area.name in fresh or not options.overwrite):
             part = _load_region_part(folder, area.name, result.run_key)
-        if part is None or area.name in fresh:
-            if part is None:
-                part = region_part(slide, source, found, area, folder, extractor, options, model, progress,
-                                   result.run_key, scratch, cache)
-                if per_region:
-                    save_region_part(folder, part)
+        timed = area.name in fresh  # a resumed part's seconds belong to the run that made it
+        if part is None:
+            part = region_part(slide, source, found, area, folder, extractor, options, model, progress,
+                               result.run_key, scratch, cache)
+            timed = True
+            if per_region:
+                save_region_part(folder, part)
+        if timed:
             for stage, secs in part.seconds.items():
                 result.seconds[stage] = round(result.seconds.get(stage, 0.0) + secs, 3)
             t_segment += part.seconds.get("segment", 0.0)
