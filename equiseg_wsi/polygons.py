@@ -34,7 +34,6 @@ import shapely
 from rasterio import features as rio_features
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
-from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
@@ -63,7 +62,6 @@ __all__ = [
 #: stay within a fraction of a percent for segments of a few dozen cells or more.
 DEFAULT_SIMPLIFY_TOLERANCE = 1.0
 
-_FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 
 
 class PolygonError(EquisegError, ValueError):
@@ -144,29 +142,22 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def _components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """4-connected components per label: (component id map, 0 = background; label of each component id)."""
-    comp = np.zeros(labels.shape, dtype=np.int64)
-    comp_label = [0]
-    offset = 0
-    for lab in np.unique(labels):
-        if lab == 0:
-            continue
-        cl, n = ndimage.label(labels == lab, structure=_FOUR_CONNECTED)
-        mask = cl > 0
-        comp[mask] = cl[mask] + offset
-        comp_label.extend([int(lab)] * n)
-        offset += n
-    return comp, np.asarray(comp_label, dtype=np.int64)
+    """4-connected components per label: (component id map, 0 = background; label of each component id),
+    numbered as `ndimage.label` numbers each label's components, label by label."""
+    from equiseg_wsi.segments_compiled import components  # numba: imported when a merge first runs
+
+    flat = np.ascontiguousarray(labels, dtype=np.int32)
+    if flat.size >= 2**31:
+        raise PolygonError(f"label map of {flat.shape} cells is too large to merge small segments in")
+    comp, comp_label = components(flat, int(flat.max(initial=0)))
+    return comp, comp_label
 
 
 def _adjacency(comp: np.ndarray, n: int) -> list[dict[int, int]]:
     """Shared border length (in cell edges) between every pair of 4-adjacent tissue components."""
-    a = np.concatenate([comp[:, :-1].ravel(), comp[:-1, :].ravel()])
-    b = np.concatenate([comp[:, 1:].ravel(), comp[1:, :].ravel()])
-    keep = (a != b) & (a > 0) & (b > 0)
-    lo = np.minimum(a[keep], b[keep])
-    hi = np.maximum(a[keep], b[keep])
-    keys, counts = np.unique(lo * (n + 1) + hi, return_counts=True)
+    from equiseg_wsi.segments_compiled import border_keys
+
+    keys, counts = np.unique(border_keys(np.ascontiguousarray(comp), n), return_counts=True)
     adj: list[dict[int, int]] = [{} for _ in range(n + 1)]
     for key, cnt in zip(keys.tolist(), counts.tolist(), strict=True):
         i, j = divmod(key, n + 1)

@@ -335,3 +335,67 @@ def test_a_clipped_segment_is_snapped_again() -> None:
         coords = shapely.get_coordinates(g)
         assert np.allclose(coords * 100, np.round(coords * 100)) and g.is_valid
         assert g.bounds[3] == pytest.approx(10.01, abs=1e-9) or g.bounds[3] == pytest.approx(10.0, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------- compiled merge passes
+
+
+def reference_components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The NumPy form the compiled pass replaced: `ndimage.label` per label, numbered label by label."""
+    comp = np.zeros(labels.shape, dtype=np.int64)
+    comp_label, offset = [0], 0
+    for lab in np.unique(labels):
+        if lab == 0:
+            continue
+        cl, n = ndimage.label(labels == lab, structure=FOUR)
+        comp[cl > 0] = cl[cl > 0] + offset
+        comp_label += [int(lab)] * n
+        offset += n
+    return comp, np.asarray(comp_label, dtype=np.int64)
+
+
+def reference_borders(comp: np.ndarray, n: int) -> dict[int, int]:
+    a = np.concatenate([comp[:, :-1].ravel(), comp[:-1, :].ravel()])
+    b = np.concatenate([comp[:, 1:].ravel(), comp[1:, :].ravel()])
+    keep = (a != b) & (a > 0) & (b > 0)
+    keys, counts = np.unique(np.minimum(a[keep], b[keep]) * (n + 1) + np.maximum(a[keep], b[keep]),
+                             return_counts=True)
+    return dict(zip(keys.tolist(), counts.tolist(), strict=True))
+
+
+def awkward_maps() -> list[np.ndarray]:
+    """Shapes that stress union-find: a spiral, a comb joined at its foot, a staircase, a checkerboard."""
+    spiral = np.zeros((41, 41), np.int32)
+    y, x, dy, dx, step = 20, 20, 0, 1, 1
+    while 0 <= y < 41 and 0 <= x < 41:
+        for _ in range(2):
+            for _ in range(step):
+                if 0 <= y < 41 and 0 <= x < 41:
+                    spiral[y, x] = 1
+                y, x = y + dy, x + dx
+            dy, dx = dx, -dy
+        step += 2
+    comb = np.zeros((30, 61), np.int32)
+    comb[:, ::2] = 2
+    comb[-1] = 2
+    stairs = (np.add.outer(np.arange(40), np.arange(40)) // 3 % 3).astype(np.int32)
+    checker = (np.indices((25, 33)).sum(axis=0) % 2 + 1).astype(np.int32)
+    return [spiral, comb, comb[::-1, ::-1].copy(), stairs, checker, stairs.T.copy()]
+
+
+def test_compiled_components_and_borders_equal_the_ndimage_form(real_labels: np.ndarray) -> None:
+    from equiseg_wsi.polygons import _adjacency, _components
+
+    rng = np.random.default_rng(7)
+    maps = [real_labels, real_labels[::-1].copy(), np.zeros((4, 6), np.int32), np.full((1, 9), 3, np.int32)]
+    maps += awkward_maps()
+    maps += [rng.integers(0, int(rng.integers(2, 7)), tuple(rng.integers(1, 50, 2))).astype(np.int32)
+             for _ in range(30)]
+    for labels in maps:
+        comp, comp_label = _components(labels)
+        ref, ref_label = reference_components(labels)
+        assert np.array_equal(comp, ref) and np.array_equal(comp_label, ref_label)
+        n = len(ref_label) - 1
+        adj = _adjacency(comp, n)
+        flat = {min(i, j) * (n + 1) + max(i, j): w for i, row in enumerate(adj) for j, w in row.items()}
+        assert flat == reference_borders(ref, n)
