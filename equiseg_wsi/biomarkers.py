@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from .cluster import optical_density
+from .cluster import OD_TABLE
 from .errors import InputError
 from .export.table import write_table
 
@@ -139,7 +138,7 @@ def _check_labels(labels: np.ndarray, k: int) -> np.ndarray:
         raise InputError(f"number of clusters must be >= 1, got {k}")
     if lab.size and (lab.min() < 0 or lab.max() > k):
         raise InputError(f"label values must lie in 0..{k}, found {lab.min()}..{lab.max()}")
-    return lab.astype(np.int64, copy=False)
+    return np.ascontiguousarray(lab, dtype=np.int32)  # the compiled passes' label type
 
 
 def _check_cell(cell_um: float) -> float:
@@ -149,33 +148,12 @@ def _check_cell(cell_um: float) -> float:
     return c
 
 
-def _edges(lab: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-label edge counts (index 0..K) and the (K+1)x(K+1) count of edges between clusters i<j.
-
-    The map is padded with background so edges on the image border count as background edges.
-    """
-    p = np.pad(lab, 1, constant_values=0)
-    per = np.zeros(k + 1, dtype=np.int64)
-    pair = np.zeros((k + 1) * (k + 1), dtype=np.int64)
-    for a, b in ((p[:, :-1], p[:, 1:]), (p[:-1, :], p[1:, :])):
-        diff = a != b
-        av, bv = a[diff], b[diff]
-        per += np.bincount(av, minlength=k + 1) + np.bincount(bv, minlength=k + 1)
-        both = (av > 0) & (bv > 0)
-        lo = np.minimum(av[both], bv[both])
-        hi = np.maximum(av[both], bv[both])
-        pair += np.bincount(lo * (k + 1) + hi, minlength=(k + 1) * (k + 1))
-    return per, pair.reshape(k + 1, k + 1)
-
-
 def _components(lab: np.ndarray, k: int) -> np.ndarray:
     """4-connected component count per label 0..K (index 0 unused)."""
-    out = np.zeros(k + 1, dtype=np.int64)
-    for i in range(1, k + 1):
-        m = lab == i
-        if m.any():
-            _, n = ndimage.label(m)
-            out[i] = n
+    from equiseg_wsi.segments_compiled import components  # numba: imported when a table is first measured
+
+    _, comp_label = components(lab, k)
+    out: np.ndarray = np.bincount(comp_label[1:], minlength=k + 1)
     return out
 
 
@@ -269,15 +247,15 @@ def compute_biomarkers(
     flat = lab.ravel()
     cov = _coverage(coverage, lab.shape)
     weight = np.ones(flat.size) if cov is None else cov
-    counts = np.bincount(flat, weights=weight, minlength=k + 1)
+    from equiseg_wsi.measure_compiled import cluster_sums, edge_counts
+
+    sums = cluster_sums(flat, np.ascontiguousarray(img).reshape(-1, 3), np.ascontiguousarray(weight, np.float64),
+                        OD_TABLE, k)  # np.bincount's sums, bit for bit, in one pass
+    counts, colour_sums, od_sums = sums[0], sums[1:4], sums[4]
     tissue = float(counts[1:].sum())
     fractions = counts[1:] / tissue if tissue else np.zeros(k)
     comps = _components(lab, k)
-    per_edges, pair_edges = _edges(lab, k)
-    od = optical_density(img).astype(np.float64).ravel()
-    colour_sums = [np.bincount(flat, weights=img[..., c].astype(np.float64).ravel() * weight, minlength=k + 1)
-                   for c in range(3)]
-    od_sums = np.bincount(flat, weights=od * weight, minlength=k + 1)
+    per_edges, pair_edges = edge_counts(lab, k)
 
     row: dict[str, Any] = _identity_values(identity)
     row["n_clusters"] = int(k)

@@ -38,6 +38,7 @@ from .sampling import sample_positions, source_rng
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "OD_TABLE",
     "ClusterModel",
     "fit_kmeans",
     "fit_region",
@@ -78,7 +79,7 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
     if a.ndim < 1 or a.shape[-1] not in (3, 4):
         raise InputError(f"optical_density expects (..., 3) RGB values, got shape {a.shape}")
     if a.dtype == np.uint8:  # 8 times faster through a table, and equal bit for bit (all 2**24 colours checked)
-        total = _OD_TABLE[a[..., 0]] + _OD_TABLE[a[..., 1]] + _OD_TABLE[a[..., 2]]
+        total = OD_TABLE[a[..., 0]] + OD_TABLE[a[..., 1]] + OD_TABLE[a[..., 2]]
         return np.asarray(total / np.float32(3), dtype=np.float32)
     return _optical_density(a[..., :3])
 
@@ -89,7 +90,7 @@ def _optical_density(a: np.ndarray) -> np.ndarray:
     return mean_od.astype(np.float32)
 
 
-_OD_TABLE = -np.log10((np.arange(256, dtype=np.float32) + 1.0) / 256.0)  # float32: one channel's OD per value
+OD_TABLE = -np.log10((np.arange(256, dtype=np.float32) + 1.0) / 256.0)  # float32: one channel's OD per value
 
 
 # ------------------------------------------------------------------------------------------- model
