@@ -19,6 +19,8 @@ __all__ = ["fill_outside_tissue", "tissue_pixels"]
 
 _SIGMA = 1.0  # px of the smoothing at every pyramid level
 _COARSEST = 32  # px: below this side the pyramid stops halving
+_REACH = int(4.0 * _SIGMA + 0.5)  # px: how far scipy's Gaussian (truncate 4) reaches
+_BAND = 64  # rows smoothed together where only some pixels need the smoothed values
 
 
 def fill_outside_tissue(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
@@ -68,9 +70,35 @@ def _pull(weighted: np.ndarray, weight: np.ndarray, unit: bool = False) -> np.nd
     coarse = _pull(coarse_v, coarse_w)
     up = np.empty_like(colour)
     up.reshape(h // 2, 2, w // 2, 2, -1)[:] = coarse.reshape(h // 2, 1, w // 2, 1, -1)  # nearest, 2x
-    up = _smooth(up)
-    np.copyto(colour, up, where=~has[..., None])
+    _smooth_into(colour, up, ~has)
     return colour
+
+
+def _smooth_into(out: np.ndarray, a: np.ndarray, where: np.ndarray) -> None:
+    """`out[where] = _smooth(a)[where]`, bit for bit, smoothing only the bands of rows (and the runs of columns in
+    them) that hold such pixels, each with a margin of the filter's reach: a separable filter's output depends
+    on the inputs within its reach alone, in the same order, and where a band meets the image's edge its edge
+    is the image's. A Gleason core's tissue leaves a third of its tile to fill: 70 -> 35 ms."""
+    h, w = where.shape
+    for r0 in range(0, h, _BAND):
+        r1 = min(r0 + _BAND, h)
+        for c0, c1 in _runs(np.asarray(where[r0:r1].any(axis=0))):
+            y0, y1, x0, x1 = max(0, r0 - _REACH), min(h, r1 + _REACH), max(0, c0 - _REACH), min(w, c1 + _REACH)
+            smoothed = _smooth(a[y0:y1, x0:x1])[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0]
+            np.copyto(out[r0:r1, c0:c1], smoothed, where=where[r0:r1, c0:c1, None])
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of the runs of True in `flags`, runs closer than two reaches joined (one smoothing is
+    cheaper than two margins)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], flags, [False]]).astype(np.int8)))
+    runs: list[tuple[int, int]] = []
+    for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
+        if runs and start - runs[-1][1] <= 2 * _REACH:
+            runs[-1] = (runs[-1][0], stop)
+        else:
+            runs.append((start, stop))
+    return runs
 
 
 def tissue_pixels(tissue: TissueMap, x0: float, y0: float, px_level0: float, shape: tuple[int, int]) -> np.ndarray:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from equiseg_wsi.biomarkers import write_csv
 from equiseg_wsi.cluster import ClusterModel
+from equiseg_wsi.decoded_store import keep_decoded
 from equiseg_wsi.errors import EquisegError, InputError, NoTissueError, one_line
 from equiseg_wsi.export.atomic import atomic_write_text, remove_stale_temporaries
 from equiseg_wsi.export.geojson import write_geojson
@@ -44,7 +45,7 @@ from equiseg_wsi.regions import open_regions
 from equiseg_wsi.run_files import check_writable, write_run_outputs
 from equiseg_wsi.run_key import changed_parts, run_key
 from equiseg_wsi.run_lock import output_lock
-from equiseg_wsi.run_model import discard_feature_cache, fit_regions, prepare_run
+from equiseg_wsi.run_model import FEATURE_CACHE, discard_feature_cache, fit_regions, prepare_run
 from equiseg_wsi.scratch import remove_stale_scratch, scratch_area
 from equiseg_wsi.segment import FeatureCache
 from equiseg_wsi.slide_result import SlideResult
@@ -91,8 +92,7 @@ def load_record(out_dir: Path, source: SlideSource) -> SlideResult | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        result = SlideResult(**data)
+        result = SlideResult(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
     if not _same_file(result.path, source.path) or not all((out_dir / p).is_file() for p in result.outputs):
@@ -436,7 +436,7 @@ def run_folder(
     takes no more writes, it records what completed and returns a report whose `stopped` says why; the caller
     chooses the exit status. `error` is set when the output folder took no more writes, even for the manifest.
     """
-    with output_lock(out_dir):
+    with output_lock(out_dir), keep_decoded(out_dir / FEATURE_CACHE):  # removed with the feature cache
         check_writable(out_dir)
         remove_stale_temporaries(out_dir)  # a killed run's half-written manifest or table; no other run is active
         remove_stale_scratch(scratch_area(out_dir))

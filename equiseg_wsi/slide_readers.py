@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from equiseg_wsi import decoded_store
 from equiseg_wsi.errors import SlideError
 
 __all__ = ["READERS", "WHITE", "ArrayReader", "Level", "Reader"]
@@ -173,6 +174,11 @@ class _ImageReader(Reader):
             return self._cache[1]
         self._cache = None  # free the previous level before decoding another
         lv = self.levels[level]
+        full_px = self.levels[0].width * self.levels[0].height
+        kept = decoded_store.load(self._path, level, (lv.height, lv.width, 3), full_px)
+        if kept is not None:  # decoded earlier in this run (the fit pass, another reader)
+            self._cache = (level, kept)
+            return kept
         if self._path.suffix.lower() in {".tif", ".tiff"}:
             import tifffile
 
@@ -185,6 +191,7 @@ class _ImageReader(Reader):
                 if img.size != (lv.width, lv.height):
                     img = img.resize((lv.width, lv.height), Image.Resampling.BOX)
                 arr = _pil_to_rgb(img)
+        decoded_store.save(self._path, level, arr, full_px)
         self._cache = (level, arr)
         return arr
 

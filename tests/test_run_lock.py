@@ -18,8 +18,8 @@ FAST = ["--target-mpp", "4", "--tile-size", "128", "--device", "cpu", "--mpp", "
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _cmd(inputs: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "equiseg_cli.main", "run", str(inputs), "-o", str(out), *FAST]
+def _cmd(inputs: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "equiseg_cli.main", "run", str(inputs), "-o", str(out), *FAST, *extra]
 
 
 def _wait_for(predicate: object, proc: subprocess.Popen[bytes], seconds: float = 120) -> None:
@@ -42,10 +42,15 @@ def _lock_holder(out: Path) -> subprocess.Popen[str]:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_second_run_on_the_same_folder_fails_at_once(tmp_path: Path) -> None:
-    # more work than the check needs: the first run is stopped once it is done
+    # more work than the check needs: the first run is stopped once it is done. Each slide computes its own
+    # features (`--clustering region`), so slides are still being segmented while the second run is tried. With
+    # the run-wide fit, every feature was computed before the first slide was written, and the 80 slides were
+    # then segmented in about the time the second run took to fail: the SIGTERM came while the run files were
+    # written, and the manifest this test reads was (rightly) not.
     inputs = copy_sample_cores(tmp_path / "in", 80, "c{i:02d}.jpg")
     out = tmp_path / "out"
-    first = subprocess.Popen(_cmd(inputs, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    first = subprocess.Popen(_cmd(inputs, out, "--clustering", "region"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, env=ENV)
     try:
         _wait_for(lambda: any(out.glob("*/slide.json")), first)
         started = time.monotonic()
