@@ -138,6 +138,24 @@ def build_gleason(folder: Path, n: int, data: Path, seed: int) -> Cohort:
     return Cohort("gleason", folder, n, desc, CORE_MPP, side, area)
 
 
+_BUILT = ".built.json"  # beside a cohort's inputs: what was built, so --reuse-inputs can skip the 100-s build
+
+
+def _keep_cohort(c: Cohort, seed: int) -> None:
+    fields_ = {f.name: getattr(c, f.name) for f in fields(c) if f.name not in ("folder", "result")}
+    c.folder.with_name(c.folder.name + _BUILT).write_text(json.dumps({**fields_, "seed": seed}), encoding="utf-8")
+
+
+def _kept_cohort(folder: Path, n: int, seed: int) -> Cohort | None:
+    try:
+        built = json.loads(folder.with_name(folder.name + _BUILT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if built.pop("seed") != seed or built.get("n") != n:
+        return None
+    return Cohort(folder=folder, **built)
+
+
 def build_ebhi(folder: Path, n: int, data: Path, seed: int) -> Cohort:
     tiles = _ebhi_tiles(data)
     picks = np.random.default_rng(seed + 1).choice(len(tiles), n, replace=n > len(tiles))
@@ -354,6 +372,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA, help=f"the shared real data (default {DATA})")
     p.add_argument("--extra-args", default="", help="extra `equiseg run` options, one string")
     p.add_argument("--no-startup", action="store_true", help="skip the one-tile start-up probe")
+    p.add_argument("--reuse-inputs", action="store_true",
+                   help="with --work: use the inputs an earlier run built there (same cohort, n and seed)")
     args = p.parse_args()
     data = args.data
     needed = [data / "ebhi_seg" / "manifest.csv", data / "osteosarcoma"]
@@ -373,11 +393,17 @@ def main() -> None:
         for name in names:
             n = args.n or (QUICK_N if args.quick else DEFAULT_N)[name]
             folder = work / f"{name}_inputs"
+            kept = _kept_cohort(folder, n, args.seed) if args.reuse_inputs else None
+            if kept is not None:
+                cohorts.append(kept)
+                print(f"reused {name}: {n} inputs ({folder})", flush=True)
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             start = time.perf_counter()
             build = build_gleason if name == "gleason" else build_ebhi
             cohorts.append(build(folder, n, data, args.seed))
+            _keep_cohort(cohorts[-1], args.seed)
             print(f"built {name}: {n} inputs in {time.perf_counter() - start:.1f} s ({folder})", flush=True)
         startup = None
         if not args.no_startup:

@@ -36,8 +36,10 @@ def fill_outside_tissue(rgb: np.ndarray, tissue: np.ndarray) -> np.ndarray:
     if known.all() or not known.any():
         return rgb
     weight = known.astype(np.float32)
-    filled = _pull(np.where(known[..., None], rgb, 0).astype(np.float32), weight, unit=True)
-    result: np.ndarray = np.where(known[..., None], rgb, np.clip(np.rint(filled), 0, 255).astype(np.uint8))
+    filled = _pull((rgb * known[..., None]).astype(np.float32), weight, unit=True)
+    result: np.ndarray = rgb.copy()
+    glass = ~known  # the filled colours are rounded where they are used only
+    result[glass] = np.clip(np.rint(filled[glass]), 0, 255).astype(np.uint8)
     return result
 
 
