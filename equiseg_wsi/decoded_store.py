@@ -41,10 +41,11 @@ def keep_decoded(folder: str | Path) -> Iterator[None]:
             _folders.remove(Path(folder))
 
 
-def _entry(path: Path, level: int, shape: tuple[int, ...]) -> Path | None:
+def _entry(path: Path, level: int, shape: tuple[int, ...], full_px: int) -> Path | None:
+    """Where the decoded `level` of `path` is kept, or None when it is not to be kept (no block, small image)."""
     with _lock:
         folder = _folders[-1] if _folders else None
-    if folder is None:
+    if folder is None or full_px < STORE_MIN_PX:
         return None
     try:
         st = path.stat()
@@ -56,7 +57,7 @@ def _entry(path: Path, level: int, shape: tuple[int, ...]) -> Path | None:
 
 def load(path: Path, level: int, shape: tuple[int, int, int], full_px: int) -> np.ndarray | None:
     """The kept decoded `level` of `path` (RGB uint8 of `shape`), or None when none is kept."""
-    entry = _entry(path, level, shape) if full_px >= STORE_MIN_PX else None
+    entry = _entry(path, level, shape, full_px)
     if entry is None:
         return None
     try:
@@ -68,7 +69,7 @@ def load(path: Path, level: int, shape: tuple[int, int, int], full_px: int) -> n
 
 def save(path: Path, level: int, arr: np.ndarray, full_px: int) -> None:
     """Keep the decoded `level` of `path` for later readers in this run (when a block is active)."""
-    entry = _entry(path, level, arr.shape) if full_px >= STORE_MIN_PX else None
+    entry = _entry(path, level, arr.shape, full_px)
     if entry is None:
         return
     from equiseg_wsi.export.atomic import atomic_path

@@ -63,7 +63,6 @@ __all__ = [
 DEFAULT_SIMPLIFY_TOLERANCE = 1.0
 
 
-
 class PolygonError(EquisegError, ValueError):
     """A label map or a geometry cannot be turned into QuPath-valid polygons."""
 
