@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from equiseg_wsi.errors import InputError
+from equiseg_wsi.errors import InputError, OutputWriteError
 from equiseg_wsi.features import build_extractor
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
 from equiseg_wsi.region_outputs import region_part, save_region_part
 from equiseg_wsi.regions import SlideRegions
-from equiseg_wsi.runner import OutputWriteError, load_cluster_model, process_slide, slide_dir
+from equiseg_wsi.runner import load_cluster_model, process_slide, slide_dir
 from equiseg_wsi.scratch import scratch_area
 from equiseg_wsi.segment import FeatureCache
 from equiseg_wsi.slide import open_slide

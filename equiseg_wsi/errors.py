@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from equiseg_wsi.slide_result import SlideResult
+
 
 class EquisegError(Exception):
     """Base class for every error the library raises on purpose (bad input, not bugs)."""
@@ -29,6 +34,20 @@ class ModelMismatchError(EquisegError):
 
 class InputError(EquisegError):
     """Bad user input that is not a slide: manifests, options, folders."""
+
+
+class OutputWriteError(EquisegError):
+    """The output folder takes no more writes (full disk, quota, read-only): the run stops.
+
+    `result` is the slide that was being written when it happened (failed, with this message as its error); it
+    crosses from a worker process with the error."""
+
+    def __init__(self, message: str, result: SlideResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.result)
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,10 +1,11 @@
 """The in-process run fits on two regions at a time and, with their features cached, segments two slides at a
-time: the outputs (the run's KMeans model included) are byte-identical to one at a time, results come back in
-input order, and every slide is reported once."""
+time (forked processes on Linux, threads elsewhere): the outputs (the run's KMeans model included) are
+byte-identical to one at a time either way, results come back in input order, and every slide is reported once."""
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,19 +39,25 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_slide_threads_give_the_outputs_of_one(inputs: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import equiseg_wsi.run_model as run_model
+    from equiseg_wsi import slide_pool
 
     sources = collect_inputs([inputs])
     reports, order = {}, {}
-    for threads in (1, 2):
+    ways = [(1, False), (2, False)] + ([(2, True)] if sys.platform.startswith("linux") else [])
+    for threads, processes in ways:  # one at a time; two on threads; two on forked processes
         monkeypatch.setattr(run_model, "FIT_THREADS", threads)  # the fit's regions too: one, then two at a time
-        order[threads] = []
-        reports[threads] = run_folder(sources, tmp_path / f"t{threads}", _job(), executor=InProcess(threads),
-                                      on_result=lambda i, _r, t=threads: order[t].append(i))
-    assert [r.name for r in reports[2].results] == [s.name for s in sources]
-    assert all(r.status == "done" for r in reports[2].results)
-    assert sorted(order[2]) == list(range(len(sources))) and order[1] == list(range(len(sources)))
-    one, two = _outputs(tmp_path / "t1"), _outputs(tmp_path / "t2")
-    assert len(one) > 3 * len(sources) and one == two
+        monkeypatch.setattr(slide_pool, "USE_PROCESSES", processes)
+        way = f"{'p' if processes else 't'}{threads}"
+        order[way] = []
+        reports[way] = run_folder(sources, tmp_path / way, _job(), executor=InProcess(threads),
+                                  on_result=lambda i, _r, w=way: order[w].append(i))
+    one = _outputs(tmp_path / "t1")
+    assert len(one) > 3 * len(sources) and order["t1"] == list(range(len(sources)))
+    for way in reports:
+        assert [r.name for r in reports[way].results] == [s.name for s in sources]
+        assert all(r.status == "done" for r in reports[way].results)
+        assert sorted(order[way]) == list(range(len(sources)))
+        assert _outputs(tmp_path / way) == one, way
 
 
 def test_slides_that_compute_features_stay_one_at_a_time(inputs: Path, tmp_path: Path,

@@ -1,0 +1,140 @@
+"""Slides segmented at once by an in-process run: on forked worker processes where Linux forks, else on threads.
+
+Why: once the run-wide fit has cached every slide's features, what is left of a slide (refinement, polygons,
+GeoJSON, pictures, the report's figures) is NumPy, shapely, zlib and Python that hold the GIL much of the time:
+two threads kept about 1.4 of the 2 cores busy, two forked processes about 1.9 (the segmentation pass of 200
+EBHI tiles 10.0 -> 5.5 s on the 2-core development machine, outputs byte-identical). A forked worker starts
+warm: the parent's modules, compiled kernels and network are already loaded, and with every feature cached it
+runs no network (it is kept to one torch thread all the same: a forked child must not enter the parent's
+OpenMP pool).
+
+Stop signals (Ctrl-C, SIGTERM, SIGHUP) reach the whole process group; the workers ignore them and the parent
+decides, as with threads: no new slide starts, the running ones finish and are recorded. Workers die with the
+parent (Linux `PR_SET_PDEATHSIG`), and a worker that dies (the OOM killer) fails the slides it was running, not
+the run. Progress inside a slide (tiles, which only a slide without cached features reports) is not relayed
+from a worker; the slides' own progress (`on_start`, `on_result`) comes from this process as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from equiseg_wsi.errors import OutputWriteError
+from equiseg_wsi.inputs import SlideSource
+from equiseg_wsi.options import RunJob
+from equiseg_wsi.progress import ProgressCallback, no_progress
+from equiseg_wsi.slide_result import SlideResult
+from equiseg_wsi.stop_signals import STOP_SIGNALS
+
+__all__ = ["USE_PROCESSES", "map_at_once"]
+
+USE_PROCESSES = sys.platform.startswith("linux")  # fork is the start method that makes a warm worker; safe here
+
+ProcessSlide = Callable[..., SlideResult]  # `runner.process_slide(source, out_dir, job, progress=...)`
+
+
+def _worker_init(parent: int) -> None:
+    """In each forked worker: the parent handles the stop signals, the worker dies with it, one torch thread."""
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN)
+    with contextlib.suppress(Exception):  # Linux only; elsewhere `USE_PROCESSES` is off
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
+class _Workers:
+    """A pool of `n` workers that replaces itself when a worker dies (the futures it held fail, later ones run)."""
+
+    def __init__(self, n: int, processes: bool) -> None:
+        self.n, self.processes = n, processes
+        self._pool = self._new()
+
+    def _new(self) -> Executor:
+        if not self.processes:
+            return ThreadPoolExecutor(self.n, thread_name_prefix="equiseg-slide")
+        return ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+
+    def submit(self, fn: Callable[..., SlideResult], *args: Any, **kwargs: Any) -> Future[SlideResult]:
+        try:
+            return self._pool.submit(fn, *args, **kwargs)
+        except BrokenProcessPool:
+            self._pool.shutdown(wait=False)
+            self._pool = self._new()
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _result(future: Future[SlideResult], source: SlideSource) -> SlideResult:
+    """The slide's result; a worker process that died fails the slide with the reason, not the run."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        return SlideResult(name=source.name, path=str(source.path), status="failed",
+                           error=f"{source.path}: the worker process segmenting it died (out of memory?); the "
+                                 "next run redoes it")
+
+
+def map_at_once(
+    process: ProcessSlide, job: RunJob, sources: Sequence[SlideSource], out_dir: Path, workers: int,
+    on_start: Callable[[int, SlideSource], None] | None, on_result: Callable[[int, SlideResult], None] | None,
+    progress: ProgressCallback = no_progress,
+) -> list[SlideResult]:
+    """`process` on every slide, `workers` at a time (started in input order); results in input order. On Ctrl-C,
+    a stop signal or a full disk no new slide starts and the running ones are waited for (and recorded) before
+    the error goes on: one finishing after the manifest was written would contradict it."""
+    results: list[SlideResult | None] = [None] * len(sources)
+    running: dict[Future[SlideResult], int] = {}
+    pool = _Workers(workers, USE_PROCESSES)
+
+    def collect(future: Future[SlideResult]) -> None:
+        i = running.pop(future)
+        try:
+            results[i] = _result(future, sources[i])
+        except OutputWriteError as exc:
+            if exc.result is None:
+                raise
+            results[i] = exc.result
+            if on_result is not None:
+                on_result(i, exc.result)
+            raise
+        if on_result is not None:
+            on_result(i, results[i])  # type: ignore[arg-type]
+
+    try:
+        for i, source in enumerate(sources):
+            while len(running) >= workers:
+                for future in wait(running, return_when=FIRST_COMPLETED).done:
+                    collect(future)
+            if on_start is not None:
+                on_start(i, source)
+            inside = no_progress if pool.processes else progress  # a callback does not cross into a worker
+            running[pool.submit(process, source, out_dir, job, progress=inside)] = i
+        while running:
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                collect(future)
+    except BaseException:
+        for future in wait(running).done:
+            with contextlib.suppress(BaseException):
+                collect(future)
+        raise
+    finally:
+        pool.shutdown()
+    return [r for r in results if r is not None]
