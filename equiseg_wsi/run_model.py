@@ -10,18 +10,20 @@ segmentation that follows reads them back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from equiseg_wsi import forked
 from equiseg_wsi.cluster import ClusterModel, fit_kmeans, optical_density
 from equiseg_wsi.errors import InputError
 from equiseg_wsi.export.atomic import atomic_write_text
@@ -72,17 +74,18 @@ def fit_regions(
     sampler = CohortSampler(seg.n_samples, seg.seed)
     failures = Failures()
 
-    def sample(source: SlideSource) -> _SourceSample:
-        return _sample_source(source, job, cache, on_region, progress, mapper)
+    def sample(source: SlideSource, region: Callable[[str], None] | None, tiles: ProgressCallback) -> _SourceSample:
+        return _sample_source(source, job, cache, region, tiles, mapper)
 
     threads = FIT_THREADS if mapper is None else 1  # a distributed run's workers do the network work
     threads = min(threads, len(sources), os.cpu_count() or 1)
-    for part in ordered_map(sample, sources, threads, initializer=_one_torch_thread):
-        failures.items.extend(part.failures)
-        for stage, secs in part.seconds.items():
-            times[stage] += secs
-        for key, rows, od in part.samples:  # a sample of n_samples rows or fewer: the sampler keeps them all
-            sampler.feed(key, rows, od)
+    with _inputs_at_once(sample, sources, threads, on_region, progress) as parts:
+        for part in parts:
+            failures.items.extend(part.failures)
+            for stage, secs in part.seconds.items():
+                times[stage] += secs
+            for key, rows, od in part.samples:  # a sample of n_samples rows or fewer: the sampler keeps them all
+                sampler.feed(key, rows, od)
     if not sampler.sources:
         reasons = "; ".join(f.error for f in failures) or "no inputs"
         raise InputError(f"no tissue cells to fit on ({reasons})")
@@ -97,6 +100,28 @@ def fit_regions(
     for stage in times:
         times[stage] = round(times[stage], 3)
     return model, failures
+
+
+@contextlib.contextmanager
+def _inputs_at_once(
+    sample: Callable[[SlideSource, Callable[[str], None] | None, ProgressCallback], _SourceSample],
+    sources: Sequence[SlideSource], threads: int, on_region: Callable[[str], None] | None,
+    progress: ProgressCallback,
+) -> Iterator[Iterator[_SourceSample]]:
+    """Each input's sample in input order, `threads` inputs at once: on forked processes where `forked` uses them
+    (their callbacks relayed here; 200 EBHI tiles' fit 19.9-24.6 -> 16.2-18.1 s), else on threads."""
+    with contextlib.ExitStack() as stack:
+        parts: Generator[_SourceSample, None, None]
+        if threads > 1 and forked.USE_PROCESSES:
+            relay = stack.enter_context(forked.Relay())
+            region, tiles = relay.wrap(on_region), relay.wrap(progress) or no_progress
+            parts = forked.forked_map(lambda s: sample(s, region, tiles), sources, threads,
+                                      initializer=_one_torch_thread)
+        else:
+            parts = ordered_map(lambda s: sample(s, on_region, progress), sources, threads,
+                                initializer=_one_torch_thread)
+        stack.callback(parts.close)  # on an error too: the running inputs are waited for before it goes on
+        yield parts
 
 
 @dataclass

@@ -1,60 +1,31 @@
 """Slides segmented at once by an in-process run: on forked worker processes where Linux forks, else on threads.
 
 Why: once the run-wide fit has cached every slide's features, what is left of a slide (refinement, polygons,
-GeoJSON, pictures, the report's figures) is NumPy, shapely, zlib and Python that hold the GIL much of the time:
-two threads kept about 1.4 of the 2 cores busy, two forked processes about 1.9 (the segmentation pass of 200
-EBHI tiles 10.0 -> 5.5 s on the 2-core development machine, outputs byte-identical). A forked worker starts
-warm: the parent's modules, compiled kernels and network are already loaded, and with every feature cached it
-runs no network (it is kept to one torch thread all the same: a forked child must not enter the parent's
-OpenMP pool).
-
-Stop signals (Ctrl-C, SIGTERM, SIGHUP) reach the whole process group; the workers ignore them and the parent
-decides, as with threads: no new slide starts, the running ones finish and are recorded. Workers die with the
-parent (Linux `PR_SET_PDEATHSIG`), and a worker that dies (the OOM killer) fails the slides it was running, not
-the run. Progress inside a slide (tiles, which only a slide without cached features reports) is not relayed
-from a worker; the slides' own progress (`on_start`, `on_result`) comes from this process as before.
+GeoJSON, pictures, the report's figures) holds the GIL much of the time; see `forked` for the workers (warm,
+stop signals left to the parent). A worker that dies (the OOM killer) fails the slides it was running, not the
+run. Progress inside a slide (tiles, which only a slide without cached features reports) is not relayed from a
+worker; the slides' own progress (`on_start`, `on_result`) comes from this process as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
-import os
-import signal
-import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from equiseg_wsi import forked
 from equiseg_wsi.errors import OutputWriteError
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
 from equiseg_wsi.slide_result import SlideResult
-from equiseg_wsi.stop_signals import STOP_SIGNALS
 
-__all__ = ["USE_PROCESSES", "map_at_once"]
-
-USE_PROCESSES = sys.platform.startswith("linux")  # fork is the start method that makes a warm worker; safe here
+__all__ = ["map_at_once"]
 
 ProcessSlide = Callable[..., SlideResult]  # `runner.process_slide(source, out_dir, job, progress=...)`
-
-
-def _worker_init(parent: int) -> None:
-    """In each forked worker: the parent handles the stop signals, the worker dies with it, one torch thread."""
-    for signum in (signal.SIGINT, *STOP_SIGNALS):
-        signal.signal(signum, signal.SIG_IGN)
-    with contextlib.suppress(Exception):  # Linux only; elsewhere `USE_PROCESSES` is off
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
 
 
 class _Workers:
@@ -65,10 +36,9 @@ class _Workers:
         self._pool = self._new()
 
     def _new(self) -> Executor:
-        if not self.processes:
-            return ThreadPoolExecutor(self.n, thread_name_prefix="equiseg-slide")
-        return ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_worker_init, initargs=(os.getpid(),))
+        if self.processes:
+            return forked.process_pool(self.n)
+        return ThreadPoolExecutor(self.n, thread_name_prefix="equiseg-slide")
 
     def submit(self, fn: Callable[..., SlideResult], *args: Any, **kwargs: Any) -> Future[SlideResult]:
         try:
@@ -102,7 +72,7 @@ def map_at_once(
     the error goes on: one finishing after the manifest was written would contradict it."""
     results: list[SlideResult | None] = [None] * len(sources)
     running: dict[Future[SlideResult], int] = {}
-    pool = _Workers(workers, USE_PROCESSES)
+    pool = _Workers(workers, forked.USE_PROCESSES)
 
     def collect(future: Future[SlideResult]) -> None:
         i = running.pop(future)

@@ -7,7 +7,7 @@ the results decides the order of the fitted rows, so it must not depend on which
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
@@ -41,7 +41,7 @@ def in_order(submit: Callable[[T], Any], items: Iterable[T], ahead: int,
 
 
 def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
-                initializer: Callable[[], None] | None = None) -> Iterator[R]:
+                initializer: Callable[[], None] | None = None) -> Generator[R, None, None]:
     """`func(item)` for each item, on `threads` threads (inline when 1), yielded in input order; at most
     `threads + 1` items are started ahead of the one yielded. An exception (or Ctrl-C while waiting) cancels the
     items not started and waits for the running ones before it goes on: their threads cannot be stopped."""

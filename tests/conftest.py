@@ -24,6 +24,23 @@ def copy_sample_cores(folder: Path, n: int, name: str = "c{i}.jpg") -> Path:
     return folder
 
 
+class CallLog:
+    """Calls recorded in a file, one line each, so that calls made in forked worker processes count too."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, item: object) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:  # one short append: whole lines, whichever process
+            fh.write(f"{item}\n")
+
+    def items(self) -> list[str]:
+        return self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def sample_svs() -> Path:
     """The CC0 OpenSlide test region (2220 x 2967 px, 0.499 µm/px, one level)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import CallLog
 
 from equiseg_cli.main import cli
 from equiseg_wsi.cluster import ClusterModel
@@ -29,8 +30,8 @@ def cores(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def extract_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
+def extract_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CallLog:
+    calls = CallLog(tmp_path / "extract-calls.txt")  # the run's workers are forked processes
     original = FeatureExtractor.extract
 
     def counting(self: FeatureExtractor, tiles: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
@@ -56,21 +57,21 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_run_mode_one_model_features_once_and_resume(cores: Path, tmp_path: Path, extract_calls: list[int]) -> None:
+def test_run_mode_one_model_features_once_and_resume(cores: Path, tmp_path: Path, extract_calls: CallLog) -> None:
     out = tmp_path / "out"
     _run(str(cores), "-o", str(out))
     model = ClusterModel.load(out / "run-kmeans.npz")
     assert sorted(model.sources) == sorted(f"{p.stem}/core{p.stem[-3:]}" for p in cores.glob("*.jpg"))
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["options"]["clustering"] == "run"
-    assert len(extract_calls) == 4  # one tile per core, computed once for the fit and the segmentation
+    assert len(extract_calls.items()) == 4  # one tile per core, computed once for the fit and the segmentation
     assert not (out / ".equiseg-features").exists()  # the feature cache is gone once used
     # the labels are the saved model's: each core's labels are its cells' nearest run centroids
     rows = _rows(out / "biomarkers.csv")
     assert {r["n_clusters"] for r in rows} == {"3"}
     extract_calls.clear()
     _run(str(cores), "-o", str(out))  # same inputs and options: nothing is computed again
-    assert extract_calls == [] and [s["status"] for s in _slides(out)] == ["skipped"] * 4
+    assert extract_calls.items() == [] and [s["status"] for s in _slides(out)] == ["skipped"] * 4
 
 
 def test_run_mode_makes_cluster_ids_comparable(cores: Path, tmp_path: Path) -> None:
@@ -95,14 +96,14 @@ def test_slide_mode_equals_run_mode_for_one_slide(cores: Path, tmp_path: Path) -
     assert not (tmp_path / "slide" / "run-kmeans.npz").exists()
 
 
-def test_region_mode_fits_each_region_on_its_own(cores: Path, tmp_path: Path, extract_calls: list[int]) -> None:
+def test_region_mode_fits_each_region_on_its_own(cores: Path, tmp_path: Path, extract_calls: CallLog) -> None:
     from equiseg_wsi.inputs import collect_inputs
     from equiseg_wsi.options import ExtractorSpec, RegionOptions, RunJob, RunOptions, SegmentOptions
     from equiseg_wsi.run_model import fit_regions
 
     out = tmp_path / "region"
     _run(str(cores), "-o", str(out), "--clustering", "region")
-    assert not (out / "run-kmeans.npz").exists() and len(extract_calls) == 4
+    assert not (out / "run-kmeans.npz").exists() and len(extract_calls.items()) == 4
     # a region's own model (fit_regions on that core alone) reproduces its table row
     seg = SegmentOptions(target_mpp=4.0, tile_size=128)
     job = RunJob(ExtractorSpec(device="cpu", target_mpp=4.0), RunOptions(seg, RegionOptions(), clustering="region"))

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_sample_cores
+from conftest import CallLog, copy_sample_cores
 
 import equiseg_wsi.regions as regions
 from equiseg_wsi.inputs import collect_inputs
@@ -28,8 +28,8 @@ def _job(clustering: str) -> RunJob:
 
 
 @pytest.fixture()
-def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
+def counted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CallLog:
+    calls = CallLog(tmp_path / "tissue-calls.txt")  # the run's workers are forked processes
     real = regions.detect_tissue
 
     def counting(slide: object, *args: object, **kwargs: object) -> object:
@@ -41,17 +41,17 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.mark.parametrize("clustering", ["run", "slide"])
-def test_each_slide_is_searched_for_tissue_once(tmp_path: Path, counted: list[str], clustering: str) -> None:
+def test_each_slide_is_searched_for_tissue_once(tmp_path: Path, counted: CallLog, clustering: str) -> None:
     folder = copy_sample_cores(tmp_path / "in", 2)
     shutil.copy(REPO / "sample_data" / "tma" / "tma_3x4.svs", folder)  # dearrayed once too
     sources = collect_inputs([folder])
     report = run_folder(sources, tmp_path / "out", _job(clustering), executor=InProcess(1))
     assert [r.status for r in report.results] == ["done"] * len(sources)
-    assert sorted(counted) == sorted(str(s.path) for s in sources)
+    assert sorted(counted.items()) == sorted(str(s.path) for s in sources)
     assert not (tmp_path / "out" / FEATURE_CACHE).exists()
 
 
-def test_a_damaged_or_stale_entry_is_found_afresh(tmp_path: Path, counted: list[str]) -> None:
+def test_a_damaged_or_stale_entry_is_found_afresh(tmp_path: Path, counted: CallLog) -> None:
     folder = copy_sample_cores(tmp_path / "in", 1)
     (source,) = collect_inputs([folder])
     cache = tmp_path / "cache"
@@ -60,16 +60,16 @@ def test_a_damaged_or_stale_entry_is_found_afresh(tmp_path: Path, counted: list[
     (entry,) = cache.glob("regions-*.pickle.z")
     with regions.open_regions(source, RegionOptions(mpp=0.5), cache) as (_, again):
         assert [a.name for a in again.areas] == [a.name for a in first.areas]
-    assert len(counted) == 1
+    assert len(counted.items()) == 1
     entry.write_bytes(b"not a pickle")
     with regions.open_regions(source, RegionOptions(mpp=0.5), cache) as (_, repaired):
         assert [a.rect_level0 for a in repaired.areas] == [a.rect_level0 for a in first.areas]
-    assert len(counted) == 2
+    assert len(counted.items()) == 2
     with regions.open_regions(source, RegionOptions(mpp=0.5, tissue_mpp=16.0), cache):  # other options: another entry
         pass
-    assert len(counted) == 3 and len(list(cache.glob("regions-*.pickle.z"))) == 2
+    assert len(counted.items()) == 3 and len(list(cache.glob("regions-*.pickle.z"))) == 2
     stat = source.path.stat()
     os.utime(source.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed input (modification time)
     with regions.open_regions(source, RegionOptions(mpp=0.5), cache):
         pass
-    assert len(counted) == 4
+    assert len(counted.items()) == 4

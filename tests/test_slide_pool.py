@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from equiseg_wsi import slide_pool
+from equiseg_wsi import forked, slide_pool
 from equiseg_wsi.errors import OutputWriteError
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import ExtractorSpec, RunJob
@@ -68,7 +68,7 @@ def test_slides_run_on_forked_workers_that_leave_ctrl_c_to_the_parent(tmp_path: 
 
 
 def test_threads_where_processes_are_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slide_pool, "USE_PROCESSES", False)
+    monkeypatch.setattr(forked, "USE_PROCESSES", False)
     results = slide_pool.map_at_once(_where, JOB, _sources(3), tmp_path, 2, None, None)
     assert {int(r.error.split()[0]) for r in results if r.error} == {os.getpid()}
 
@@ -86,7 +86,7 @@ def test_a_dead_worker_fails_its_slide_and_the_run_goes_on(tmp_path: Path) -> No
 @pytest.mark.parametrize("processes", [pytest.param(True, marks=linux), False])
 def test_on_ctrl_c_the_running_slides_finish_and_are_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                processes: bool) -> None:
-    monkeypatch.setattr(slide_pool, "USE_PROCESSES", processes)
+    monkeypatch.setattr(forked, "USE_PROCESSES", processes)
     started, finished = [], []
 
     def on_start(i: int, source: SlideSource) -> None:
@@ -102,7 +102,7 @@ def test_on_ctrl_c_the_running_slides_finish_and_are_recorded(tmp_path: Path, mo
 @pytest.mark.parametrize("processes", [pytest.param(True, marks=linux), False])
 def test_a_full_disk_stops_with_the_slide_it_was_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          processes: bool) -> None:
-    monkeypatch.setattr(slide_pool, "USE_PROCESSES", processes)
+    monkeypatch.setattr(forked, "USE_PROCESSES", processes)
     finished: dict[int, SlideResult] = {}
     with pytest.raises(OutputWriteError) as caught:
         slide_pool.map_at_once(_disk_full_on_s2, JOB, _sources(5), tmp_path, 2, None,

@@ -39,14 +39,14 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_slide_threads_give_the_outputs_of_one(inputs: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import equiseg_wsi.run_model as run_model
-    from equiseg_wsi import slide_pool
+    from equiseg_wsi import forked
 
     sources = collect_inputs([inputs])
     reports, order = {}, {}
     ways = [(1, False), (2, False)] + ([(2, True)] if sys.platform.startswith("linux") else [])
     for threads, processes in ways:  # one at a time; two on threads; two on forked processes
         monkeypatch.setattr(run_model, "FIT_THREADS", threads)  # the fit's regions too: one, then two at a time
-        monkeypatch.setattr(slide_pool, "USE_PROCESSES", processes)
+        monkeypatch.setattr(forked, "USE_PROCESSES", processes)
         way = f"{'p' if processes else 't'}{threads}"
         order[way] = []
         reports[way] = run_folder(sources, tmp_path / way, _job(), executor=InProcess(threads),

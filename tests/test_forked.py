@@ -1,0 +1,92 @@
+"""Forked worker processes (`forked`): results in input order from a closure, errors raised as they were raised,
+a dead worker a clear error, callbacks relayed to this process; and the run-wide fit on them gives the model and
+the progress of the fit on threads."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import copy_sample_cores
+
+from equiseg_wsi import forked
+from equiseg_wsi.inputs import collect_inputs
+from equiseg_wsi.options import ExtractorSpec, RegionOptions, RunJob, RunOptions, SegmentOptions
+from equiseg_wsi.run_model import fit_regions
+from equiseg_wsi.segment import FeatureCache
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+
+
+def test_a_closure_runs_on_other_processes_in_input_order() -> None:
+    offset = 100  # captured, not pickled: the workers are forks
+
+    def work(i: int) -> tuple[int, int]:
+        return i + offset, os.getpid()
+
+    out = list(forked.forked_map(work, range(7), 2))
+    assert [v for v, _ in out] == list(range(100, 107))
+    assert os.getpid() not in {pid for _, pid in out}
+
+
+def test_an_error_in_the_work_is_raised_here() -> None:
+    def work(i: int) -> int:
+        if i == 3:
+            raise ValueError("bad input 3")
+        return i
+
+    with pytest.raises(ValueError, match="bad input 3"):
+        list(forked.forked_map(work, range(6), 2))
+
+
+def test_a_dead_worker_is_a_clear_error() -> None:
+    def work(i: int) -> int:
+        if i == 2:
+            os._exit(9)
+        return i
+
+    with pytest.raises(forked.WorkerDiedError, match="worker process died"):
+        list(forked.forked_map(work, range(5), 2))
+
+
+def test_callbacks_made_in_workers_are_called_here_on_one_thread() -> None:
+    seen: list[tuple[int, str, str]] = []
+
+    def note(i: int, what: str) -> None:
+        seen.append((i, what, threading.current_thread().name))
+
+    with forked.Relay() as relay:
+        relayed = relay.wrap(note)
+        assert relayed is not None and relay.wrap(None) is None
+
+        def work(i: int) -> int:
+            relayed(i, f"pid {os.getpid()}")
+            return i
+
+        assert list(forked.forked_map(work, range(6), 2)) == list(range(6))
+    assert sorted(i for i, _, _ in seen) == list(range(6))
+    assert {name for _, _, name in seen} == {"equiseg-relay"}
+    assert all(what != f"pid {os.getpid()}" for _, what, _ in seen)
+
+
+def test_the_fit_on_processes_gives_the_model_and_progress_of_threads(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    sources = collect_inputs([copy_sample_cores(tmp_path / "in", 4)])
+    seg = SegmentOptions(target_mpp=4.0, tile_size=128)
+    job = RunJob(ExtractorSpec(device="cpu", target_mpp=4.0), RunOptions(seg, RegionOptions(mpp=0.5)))
+    fits, events = {}, {}
+    for processes in (False, True):
+        monkeypatch.setattr(forked, "USE_PROCESSES", processes)
+        regions: list[str] = []
+        tiles: list[tuple[int, int, str]] = []
+        model, failures = fit_regions(sources, job, cache=FeatureCache(tmp_path / f"cache{processes}"),
+                                      on_region=regions.append, progress=lambda *a, t=tiles: t.append(a))
+        assert not failures.items
+        fits[processes], events[processes] = model, (sorted(regions), sorted(tiles))
+        assert sorted(p.name for p in (tmp_path / f"cache{processes}").glob("*.npz"))  # every region cached
+    assert np.array_equal(fits[True].centroids, fits[False].centroids)
+    assert events[True] == events[False] and len(events[True][0]) == len(sources) and events[True][1]
