@@ -30,7 +30,7 @@ from equiseg_wsi.errors import EquisegError
 from equiseg_wsi.stop_signals import STOP_SIGNALS
 from equiseg_wsi.threads import in_order
 
-__all__ = ["USE_PROCESSES", "Relay", "WorkerDiedError", "forked_map", "process_pool"]
+__all__ = ["USE_PROCESSES", "Relay", "WorkerDiedError", "forked_map", "process_pool", "use_processes"]
 
 USE_PROCESSES = sys.platform.startswith("linux")  # where fork makes a warm worker; threads elsewhere
 
@@ -39,6 +39,12 @@ R = TypeVar("R")
 
 _TASKS: dict[int, Callable[[Any], Any]] = {}  # what the workers of a `forked_map` run, inherited by the fork
 _ids = itertools.count()
+
+
+def use_processes(device: Any) -> bool:
+    """Whether work for a network on `device` (a torch.device or its name) goes to forked workers: on the CPU only,
+    since a forked child cannot use its parent's CUDA (or MPS) context; GPU runs keep threads."""
+    return USE_PROCESSES and str(getattr(device, "type", device)) == "cpu"
 
 
 class WorkerDiedError(EquisegError):

@@ -79,7 +79,8 @@ def fit_regions(
 
     threads = FIT_THREADS if mapper is None else 1  # a distributed run's workers do the network work
     threads = min(threads, len(sources), os.cpu_count() or 1)
-    with _inputs_at_once(sample, sources, threads, on_region, progress) as parts:
+    with _inputs_at_once(sample, sources, threads, on_region, progress,
+                         forked.use_processes(extractor.device)) as parts:
         for part in parts:
             failures.items.extend(part.failures)
             for stage, secs in part.seconds.items():
@@ -106,13 +107,13 @@ def fit_regions(
 def _inputs_at_once(
     sample: Callable[[SlideSource, Callable[[str], None] | None, ProgressCallback], _SourceSample],
     sources: Sequence[SlideSource], threads: int, on_region: Callable[[str], None] | None,
-    progress: ProgressCallback,
+    progress: ProgressCallback, processes: bool,
 ) -> Iterator[Iterator[_SourceSample]]:
-    """Each input's sample in input order, `threads` inputs at once: on forked processes where `forked` uses them
-    (their callbacks relayed here; 200 EBHI tiles' fit 19.9-24.6 -> 16.2-18.1 s), else on threads."""
+    """Each input's sample in input order, `threads` inputs at once: on forked processes when `processes` (their
+    callbacks relayed here; 200 EBHI tiles' fit 19.9-24.6 -> 16.2-18.1 s), else on threads."""
     with contextlib.ExitStack() as stack:
         parts: Generator[_SourceSample, None, None]
-        if threads > 1 and forked.USE_PROCESSES:
+        if threads > 1 and processes:
             relay = stack.enter_context(forked.Relay())
             region, tiles = relay.wrap(on_region), relay.wrap(progress) or no_progress
             parts = forked.forked_map(lambda s: sample(s, region, tiles), sources, threads,

@@ -35,6 +35,7 @@ from equiseg_wsi.export.atomic import atomic_write_text, remove_stale_temporarie
 from equiseg_wsi.export.geojson import write_geojson
 from equiseg_wsi.export.tma_outputs import export_dearray, with_missing_cores
 from equiseg_wsi.features import build_extractor
+from equiseg_wsi.forked import use_processes
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob, RunOptions
 from equiseg_wsi.output_names import stable_names
@@ -311,8 +312,9 @@ def _map_threaded(
     on_start: Callable[[int, SlideSource], None] | None, on_result: Callable[[int, SlideResult], None] | None,
     progress: ProgressCallback,
 ) -> list[SlideResult]:
-    """`process_slide` on `threads` workers at once: forked processes on Linux, else threads (`slide_pool`)."""
-    return map_at_once(process_slide, job, sources, out_dir, threads, on_start, on_result, progress)
+    """`process_slide` on `threads` workers at once: forked processes on Linux for a CPU network, else threads."""
+    processes = use_processes(build_extractor(job.spec).device)
+    return map_at_once(process_slide, job, sources, out_dir, threads, on_start, on_result, progress, processes)
 
 
 def run_slides(

@@ -65,14 +65,15 @@ def _result(future: Future[SlideResult], source: SlideSource) -> SlideResult:
 def map_at_once(
     process: ProcessSlide, job: RunJob, sources: Sequence[SlideSource], out_dir: Path, workers: int,
     on_start: Callable[[int, SlideSource], None] | None, on_result: Callable[[int, SlideResult], None] | None,
-    progress: ProgressCallback = no_progress,
+    progress: ProgressCallback = no_progress, processes: bool | None = None,
 ) -> list[SlideResult]:
-    """`process` on every slide, `workers` at a time (started in input order); results in input order. On Ctrl-C,
+    """`process` on every slide, `workers` at a time (started in input order) on forked processes or threads
+    (`processes`; default: where `forked.USE_PROCESSES`); results in input order. On Ctrl-C,
     a stop signal or a full disk no new slide starts and the running ones are waited for (and recorded) before
     the error goes on: one finishing after the manifest was written would contradict it."""
     results: list[SlideResult | None] = [None] * len(sources)
     running: dict[Future[SlideResult], int] = {}
-    pool = _Workers(workers, forked.USE_PROCESSES)
+    pool = _Workers(workers, forked.USE_PROCESSES if processes is None else processes)
 
     def collect(future: Future[SlideResult]) -> None:
         i = running.pop(future)

@@ -19,9 +19,10 @@ from equiseg_wsi.options import ExtractorSpec, RegionOptions, RunJob, RunOptions
 from equiseg_wsi.run_model import fit_regions
 from equiseg_wsi.segment import FeatureCache
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
 
 
+@linux_only
 def test_a_closure_runs_on_other_processes_in_input_order() -> None:
     offset = 100  # captured, not pickled: the workers are forks
 
@@ -33,6 +34,7 @@ def test_a_closure_runs_on_other_processes_in_input_order() -> None:
     assert os.getpid() not in {pid for _, pid in out}
 
 
+@linux_only
 def test_an_error_in_the_work_is_raised_here() -> None:
     def work(i: int) -> int:
         if i == 3:
@@ -43,6 +45,7 @@ def test_an_error_in_the_work_is_raised_here() -> None:
         list(forked.forked_map(work, range(6), 2))
 
 
+@linux_only
 def test_a_dead_worker_is_a_clear_error() -> None:
     def work(i: int) -> int:
         if i == 2:
@@ -53,6 +56,7 @@ def test_a_dead_worker_is_a_clear_error() -> None:
         list(forked.forked_map(work, range(5), 2))
 
 
+@linux_only
 def test_callbacks_made_in_workers_are_called_here_on_one_thread() -> None:
     seen: list[tuple[int, str, str]] = []
 
@@ -73,6 +77,7 @@ def test_callbacks_made_in_workers_are_called_here_on_one_thread() -> None:
     assert all(what != f"pid {os.getpid()}" for _, what, _ in seen)
 
 
+@linux_only
 def test_the_fit_on_processes_gives_the_model_and_progress_of_threads(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     sources = collect_inputs([copy_sample_cores(tmp_path / "in", 4)])
@@ -90,3 +95,14 @@ def test_the_fit_on_processes_gives_the_model_and_progress_of_threads(tmp_path: 
         assert sorted(p.name for p in (tmp_path / f"cache{processes}").glob("*.npz"))  # every region cached
     assert np.array_equal(fits[True].centroids, fits[False].centroids)
     assert events[True] == events[False] and len(events[True][0]) == len(sources) and events[True][1]
+
+
+@linux_only
+def test_only_a_cpu_network_goes_to_forked_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    assert forked.use_processes(torch.device("cpu")) and forked.use_processes("cpu")
+    for device in ("cuda", "cuda:1", "mps", torch.device("cuda", 0)):  # a fork cannot use the parent's GPU context
+        assert not forked.use_processes(device)
+    monkeypatch.setattr(forked, "USE_PROCESSES", False)
+    assert not forked.use_processes("cpu")
