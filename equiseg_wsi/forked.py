@@ -30,7 +30,8 @@ from equiseg_wsi.errors import EquisegError
 from equiseg_wsi.stop_signals import STOP_SIGNALS
 from equiseg_wsi.threads import in_order
 
-__all__ = ["USE_PROCESSES", "Relay", "WorkerDiedError", "forked_map", "process_pool", "use_processes"]
+__all__ = ["USE_PROCESSES", "Relay", "WorkerDiedError", "end_workers", "forked_map", "process_pool",
+           "use_processes"]
 
 USE_PROCESSES = sys.platform.startswith("linux")  # where fork makes a warm worker; threads elsewhere
 
@@ -73,6 +74,14 @@ def process_pool(workers: int, initializer: Callable[[], None] | None = None) ->
                                initializer=_worker_init, initargs=(os.getpid(), initializer))
 
 
+def end_workers(pool: Any) -> None:
+    """After a worker died: end the others with SIGKILL. They ignore SIGTERM, the executor's way of ending them
+    when its pool breaks, and it would wait for them forever (`_processes`: private, in every Python since 3.7)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.kill()
+
+
 def _run_task(task: int, item: Any) -> Any:
     return _TASKS[task](item)
 
@@ -90,7 +99,9 @@ def forked_map(func: Callable[[T], R], items: Iterable[T], workers: int,
                 yield from in_order(lambda item: pool.submit(_run_task, task, item), items, workers + 1,
                                     settle=wait)
             except BrokenProcessPool as exc:
-                raise WorkerDiedError("a worker process died before finishing its input (out of memory?)") from exc
+                end_workers(pool)
+                raise WorkerDiedError("a worker process died before finishing its input (out of memory?); nothing "
+                                      "was recorded: rerun the same command") from exc
     finally:
         del _TASKS[task]
 

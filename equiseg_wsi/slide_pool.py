@@ -44,22 +44,24 @@ class _Workers:
         try:
             return self._pool.submit(fn, *args, **kwargs)
         except BrokenProcessPool:
-            self._pool.shutdown(wait=False)
+            forked.end_workers(self._pool)
+            self._pool.shutdown(wait=True)
             self._pool = self._new()
             return self._pool.submit(fn, *args, **kwargs)
 
+    def result(self, future: Future[SlideResult], source: SlideSource) -> SlideResult:
+        """The slide's result; a worker process that died fails the slide with the reason, not the run (and
+        ends the pool's other workers: their slides fail with it, later slides get a new pool)."""
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            forked.end_workers(self._pool)
+            return SlideResult(name=source.name, path=str(source.path), status="failed",
+                               error=f"{source.path}: the worker process segmenting it died (out of memory?); the "
+                                     "next run redoes it")
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
-
-
-def _result(future: Future[SlideResult], source: SlideSource) -> SlideResult:
-    """The slide's result; a worker process that died fails the slide with the reason, not the run."""
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        return SlideResult(name=source.name, path=str(source.path), status="failed",
-                           error=f"{source.path}: the worker process segmenting it died (out of memory?); the "
-                                 "next run redoes it")
 
 
 def map_at_once(
@@ -78,7 +80,7 @@ def map_at_once(
     def collect(future: Future[SlideResult]) -> None:
         i = running.pop(future)
         try:
-            results[i] = _result(future, sources[i])
+            results[i] = pool.result(future, sources[i])
         except OutputWriteError as exc:
             if exc.result is None:
                 raise

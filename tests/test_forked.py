@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,22 @@ def test_a_dead_worker_is_a_clear_error() -> None:
 
     with pytest.raises(forked.WorkerDiedError, match="worker process died"):
         list(forked.forked_map(work, range(5), 2))
+
+
+@linux_only
+def test_a_dead_worker_does_not_wait_for_the_other_one() -> None:
+    """The other worker ignores SIGTERM, which the executor sends when its pool breaks: it is killed instead
+    (before the fix the run hung until the timeout)."""
+    def work(i: int) -> int:
+        if i == 1:
+            os._exit(9)
+        time.sleep(60)  # a long input beside the one that dies
+        return i
+
+    start = time.perf_counter()
+    with pytest.raises(forked.WorkerDiedError):
+        list(forked.forked_map(work, range(4), 2))
+    assert time.perf_counter() - start < 20
 
 
 @linux_only

@@ -43,6 +43,16 @@ def _dies_on_s1(source: SlideSource, out_dir: Path, job: RunJob, *, progress: Pr
     return SlideResult(name=source.name, path=str(source.path), status="done")
 
 
+def _dies_on_s1_beside_a_long_one(source: SlideSource, out_dir: Path, job: RunJob, *,
+                                  progress: ProgressCallback = no_progress) -> SlideResult:
+    if source.name == "s1":
+        time.sleep(0.3)
+        os._exit(3)
+    if source.name == "s0":
+        time.sleep(60)  # still running when s1's worker dies: it fails with it, at once
+    return SlideResult(name=source.name, path=str(source.path), status="done")
+
+
 def _slow(source: SlideSource, out_dir: Path, job: RunJob, *, progress: ProgressCallback = no_progress
           ) -> SlideResult:
     time.sleep(0.5)
@@ -81,6 +91,15 @@ def test_a_dead_worker_fails_its_slide_and_the_run_goes_on(tmp_path: Path) -> No
     assert "worker process" in (by_name["s1"].error or "") and "died" in (by_name["s1"].error or "")
     # the slide running beside it when the pool broke may fail with it; every slide started later is done
     assert all(by_name[f"s{i}"].status == "done" for i in (3, 4))
+
+
+@linux
+def test_a_dead_worker_does_not_wait_for_the_slide_beside_it(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    results = slide_pool.map_at_once(_dies_on_s1_beside_a_long_one, JOB, _sources(4), tmp_path, 2, None, None)
+    assert time.perf_counter() - start < 20
+    assert [r.status for r in results] == ["failed", "failed", "done", "done"]
+    assert all("worker process" in (r.error or "") for r in results[:2])
 
 
 @pytest.mark.parametrize("processes", [pytest.param(True, marks=linux), False])
