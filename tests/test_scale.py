@@ -37,7 +37,9 @@ def reference(slides: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.suffix in OUTPUT_SUFFIXES}
+    """Files under their final names; a killed run's hidden temporaries (`.tmp-…`) are not outputs."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.suffix in OUTPUT_SUFFIXES and not p.name.startswith(".tmp-")}
 
 
 def test_dask_scheduler_gives_the_same_outputs(slides: Path, reference: Path, tmp_path: Path) -> None:
@@ -73,3 +75,20 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(slides: Path, reference
     assert rerun.returncode == 0, rerun.stderr
     assert _outputs(out) == reference_files
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_a_rerun_removes_the_temporary_a_killed_write_left(reference: Path, slides: Path, tmp_path: Path) -> None:
+    """What SIGKILL mid-write leaves (a hidden `.tmp-…` next to its target) is gone after the rerun, and the slide
+    it was in is redone to the uninterrupted run's bytes (CI once killed the run inside such a write)."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    folder = next(p.parent for p in sorted(out.glob("*/slide.json")))
+    (folder / "slide.json").unlink()
+    overlay = next(folder.glob("*_overlay.png"))
+    left = folder / f".tmp-99999-0123456789ab-{overlay.name}"
+    left.write_bytes(overlay.read_bytes()[:100])
+    overlay.unlink()
+    result = CliRunner().invoke(cli, ["run", str(slides), "-o", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    assert not left.exists() and not list(out.rglob(".tmp-*"))
+    assert _outputs(out) == _outputs(reference)
