@@ -21,8 +21,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage, optimize
-from scipy.spatial import ConvexHull, QhullError
+from scipy import ndimage
 
 __all__ = ["AGREE", "PunchFit", "fit_punch", "rim_points"]
 
@@ -65,6 +64,8 @@ def rim_points(crop: np.ndarray, origin: tuple[int, int], diameter: float) -> np
         return np.zeros((0, 2))
     corners = np.concatenate([np.stack([cols + dx, rows + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
     corners = np.unique(corners, axis=0).astype(np.float64) + (origin[1], origin[0])
+    from scipy.spatial import ConvexHull, QhullError  # here: only TMA slides need it (0.2 s of start-up)
+
     try:
         hull = corners[ConvexHull(corners).vertices]
     except QhullError:
@@ -90,6 +91,8 @@ def _arc_deg(points: np.ndarray, cx: float, cy: float) -> float:
 
 def _fit_circle(points: np.ndarray, start: tuple[float, float], radius: float | None) -> tuple[float, float, float]:
     """Geometric least-squares circle through the points (radius fixed when given), robust to a few outliers."""
+    from scipy import optimize  # here: only TMA slides need it (0.2 s of start-up)
+
     if radius is None:
         def res(v: np.ndarray) -> np.ndarray:
             out: np.ndarray = np.hypot(points[:, 0] - v[0], points[:, 1] - v[1]) - v[2]

@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 __all__ = ["MAX_OFFSET", "Axis", "Fit", "extend", "fit_grid", "place", "rotate", "unrotate"]
 
@@ -48,6 +47,8 @@ def _initial_geometry(xy: np.ndarray, diameter: float) -> tuple[float, float, fl
     if n < 2:
         return 0.0, 1.5 * diameter, 1.5 * diameter
     k = min(n, 9)
+    from scipy.spatial import cKDTree  # here: only TMA slides need it (0.2 s of start-up)
+
     found = cKDTree(xy).query(xy, k=k)
     dist, idx = np.asarray(found[0]), np.asarray(found[1])
     vec = xy[idx[:, 1:]] - xy[:, None, :]
