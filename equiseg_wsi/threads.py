@@ -6,15 +6,12 @@ the results decides the order of the fitted rows, so it must not depend on which
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
-__all__ = ["in_order", "ordered_map", "wait_exited"]
+__all__ = ["in_order", "ordered_map"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,29 +49,5 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int,
         for item in items:
             yield func(item)
         return
-    tids: list[int] = []
-
-    def start() -> None:
-        tids.append(threading.get_native_id())
-        if initializer is not None:
-            initializer()
-
-    try:
-        with ThreadPoolExecutor(threads, thread_name_prefix="equiseg", initializer=start) as pool:
-            yield from in_order(lambda item: pool.submit(func, item), items, threads + 1, settle=wait)
-    finally:
-        wait_exited(tids)
-
-
-def wait_exited(tids: Iterable[int], timeout: float = 2.0) -> None:
-    """Return once the OS threads `tids` have ended (Linux; elsewhere at once), at most `timeout` s.
-
-    Why: joining a Python thread returns before its thread-exit handlers have run, and MKL's frees the thread's
-    buffers under MKL's lock; a process forked meanwhile (`forked`) copies that lock held, and its first matrix
-    product spins forever (seen in bench_cohort's CNN-only timing on a loaded machine)."""
-    if not os.path.isdir("/proc/self/task"):
-        return
-    deadline = time.monotonic() + timeout
-    for tid in tids:
-        while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
-            time.sleep(0.001)
+    with ThreadPoolExecutor(threads, thread_name_prefix="equiseg", initializer=initializer) as pool:
+        yield from in_order(lambda item: pool.submit(func, item), items, threads + 1, settle=wait)

