@@ -31,7 +31,7 @@ from equiseg_wsi.stop_signals import STOP_SIGNALS
 from equiseg_wsi.threads import in_order
 
 __all__ = ["USE_PROCESSES", "Relay", "WorkerDiedError", "end_workers", "forked_map", "process_pool",
-           "release_mkl_buffers", "use_processes"]
+           "use_processes"]
 
 USE_PROCESSES = sys.platform.startswith("linux")  # where fork makes a warm worker; threads elsewhere
 
@@ -68,32 +68,8 @@ def _worker_init(parent: int, initializer: Callable[[], None] | None) -> None:
         initializer()
 
 
-def release_mkl_buffers() -> bool:
-    """Hand MKL's cached buffers back before a fork; False where torch has no MKL (or its symbol is not there).
-
-    Why: after this process had run the network on two Python threads, a forked worker's first matrix product
-    spun forever in MKL's allocator (`mm_account_ptr_by_tid`; bench_cohort's CNN-only timing, the second cohort:
-    2 of 2 tries, also with MKL_DISABLE_FAST_MM=1). With the buffers released just before the fork: 3 of 3 went
-    through. torch links MKL statically and exports only its internal name for `mkl_free_buffers`."""
-    torch = sys.modules.get("torch")
-    if torch is None or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    library = os.path.join(os.path.dirname(str(torch.__file__)), "lib", "libtorch_cpu.so")
-    try:
-        free = ctypes.CDLL(library).mkl_serv_free_buffers
-    except (OSError, AttributeError):
-        return False
-    free.restype = None
-    free()
-    return True
-
-
 def process_pool(workers: int, initializer: Callable[[], None] | None = None) -> ProcessPoolExecutor:
-    """`workers` forked processes (started at the first submit, all at once: the fork copies this process then).
-    MKL's buffers are released first (`release_mkl_buffers`)."""
-    release_mkl_buffers()
+    """`workers` forked processes (started at the first submit, all at once: the fork copies this process then)."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_worker_init, initargs=(os.getpid(), initializer))
 
