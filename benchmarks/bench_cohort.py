@@ -11,10 +11,10 @@ Each cohort goes through ONE `python -m equiseg_cli.main run FOLDER -o OUT --dev
 process (plus `--extra-args`, nothing else). Printed, as markdown: cores/hour and s/core (wall of the whole run /
 N); the per-stage seconds of OUT/manifest.json (`slides[i].seconds`) summed over the run, naming the expected
 stages that are missing; what the per-slide seconds do not cover (wall - sum of `total`: start-up, the run-wide
-KMeans pass and the run files); and the CNN-only time of the same pixels, measured in this process after the
-run: the default extractor (batch 1, CPU, the run's µm/px), fed each region's tiles as the pipeline cuts them
-(`tile_features.plan_tiles`: the region = the core's tissue bounding box found as `equiseg run` finds it), only
-`extractor.extract` timed, one warm-up call excluded, one tile at a time (the product's torch threads) and two
+KMeans pass and the run files); and the CNN-only time of the same pixels, measured after the run in a fresh
+process per cohort: the default extractor (batch 1, CPU, the run's µm/px), fed each region's tiles as the pipeline
+cuts them (`tile_features.plan_tiles`: the region = the core's tissue bounding box found as `equiseg run` finds it),
+only `extractor.extract` timed, one warm-up call excluded, one tile at a time (the product's torch threads) and two
 at a time (one torch thread each) on two threads and on two forked processes (as the run-wide fit runs them on
 Linux); with the ratio end-to-end / the fastest.
 
@@ -227,7 +227,7 @@ class CnnOnly:
                                                                         target_mpp=target_mpp))
         return self.extractors[target_mpp]
 
-    def measure(self, cohort: Cohort, manifest: dict[str, Any]) -> dict[str, Any]:
+    def measure(self, folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         from equiseg_wsi.errors import NoTissueError
         from equiseg_wsi.inputs import collect_inputs
         from equiseg_wsi.options import RegionOptions, SegmentOptions
@@ -241,7 +241,7 @@ class CnnOnly:
         ex = self.extractor(seg.target_mpp)
         halo = ex.recommended_halo if seg.halo is None else seg.halo
         seconds, sides, inputs = 0.0, set(), []
-        for source in collect_inputs([cohort.folder]):
+        for source in collect_inputs([folder]):
             with open_regions(source, regions) as (slide, found):
                 for area in found.areas:  # cut as the pipeline cuts a region (tile_features.plan_tiles)
                     try:
@@ -280,6 +280,18 @@ class CnnOnly:
         best = min(t for t in (seconds, threaded, forked_s) if t == t)
         return {"seconds": best, "serial": seconds, "threaded": threaded, "forked": forked_s, "threads": threads,
                 "tiles": n_tiles, "sides": sorted(sides), "halo": halo, "target_mpp": seg.target_mpp}
+
+
+def cnn_only_in_fresh_process(folder: Path, manifest_path: Path) -> dict[str, Any]:
+    """`CnnOnly().measure` in a new interpreter, one per cohort. Why: in one process, the second cohort's timing on
+    forked workers (after this process had run the network itself) twice left a worker spinning forever inside
+    MKL's allocator; a process that forks after one cohort's serial and threaded timings never did."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--cnn-only-of", str(folder), str(manifest_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"CNN-only timing failed: {done.stderr.strip()[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -388,7 +400,12 @@ def main() -> None:
     p.add_argument("--no-startup", action="store_true", help="skip the one-tile start-up probe")
     p.add_argument("--reuse-inputs", action="store_true",
                    help="with --work: use the inputs an earlier run built there (same cohort, n and seed)")
+    p.add_argument("--cnn-only-of", nargs=2, type=Path, metavar=("FOLDER", "MANIFEST"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.cnn_only_of:  # the CNN-only timing of one cohort, in its own process (see cnn_only_in_fresh_process)
+        folder, manifest_path = args.cnn_only_of
+        print(json.dumps(CnnOnly().measure(folder, json.loads(manifest_path.read_text(encoding="utf-8")))))
+        return
     data = args.data
     needed = [data / "ebhi_seg" / "manifest.csv", data / "osteosarcoma"]
     if not all(path.exists() for path in needed):
@@ -423,11 +440,11 @@ def main() -> None:
         if not args.no_startup:
             startup = startup_probe(work / "startup_input", work / "startup_out", _ebhi_tiles(data)[0], extra)
             print(f"start-up probe: {startup[1]:.1f} s", flush=True)
-        cnn = CnnOnly()
         for c in cohorts:
             wall, manifest, rc, _ = run_equiseg(c.folder, work / f"{c.name}_out", extra)
             print(f"ran {c.name}: {wall:.1f} s", flush=True)
-            summarise(c, wall, manifest, rc, cnn.measure(c, manifest))
+            summarise(c, wall, manifest, rc,
+                      cnn_only_in_fresh_process(c.folder, work / f"{c.name}_out" / "manifest.json"))
             print(f"CNN-only {c.name}: {c.result['cnn']['seconds']:.1f} s", flush=True)
         print_report(cohorts, startup, extra, (load_before, os.getloadavg()[0]))
     finally:

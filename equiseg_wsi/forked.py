@@ -10,6 +10,13 @@ a forked child must not enter the parent's OpenMP pool.
 Stop signals (Ctrl-C, SIGTERM, SIGHUP) reach the whole process group; workers ignore them and the parent decides
 (no new item starts, the running ones finish). Workers die with the parent (`PR_SET_PDEATHSIG`). Callbacks the
 work makes (progress, region names) are relayed to this process and called here, on one thread.
+
+A known hazard: a process that has itself run the network (torch's MKL matrix products) before it forks can get a
+worker that spins forever in MKL's allocator. Seen only in a benchmark that timed the network in one process and
+then forked for a second cohort (2026-12-04: 3 of 3 such processes once, then 0 of 3 on a quiet machine, 3 of 6
+rounds under load); releasing MKL's buffers or waiting for exited threads before the fork did not clear it. An
+`equiseg run` does no network work in the parent before it forks (the fit's network runs in the workers), and no
+CLI run has been seen to hang; the benchmark now times each cohort in a fresh process.
 """
 
 from __future__ import annotations
