@@ -1,13 +1,14 @@
-"""Reproduce the fork-after-network hang (see `equiseg_wsi/forked.py`): a worker forked by a process that has run
-the network itself can spin forever inside MKL's allocator.
+"""The fork-after-network hang (see `equiseg_wsi/forked.py`): a worker forked by a process that has run the
+network on Python threads itself could spin forever inside MKL's allocator; `forked.process_pool` now releases
+MKL's buffers before each fork. `--no-release` turns that off to show the hang.
 
 Each round is bench_cohort's CNN-only timing of the EBHI tiles in this one process: one tile at a time, two on
-threads, then two on forked workers. A round whose forked timing exceeds `--timeout` seconds is reported as a hang
-(its workers are killed, a native stack of one printed when py-spy is installed). Seen 2026-12-04: round 0 never
-hung; later rounds hung 3 of 3 times in one try, 0 of 3 on a quiet machine, 3 of 6 under load (run two at once to
-load the machine). Needs ../shared/data; prints how many rounds hung.
+threads, then two on forked workers. A round whose forked timing exceeds `--timeout` seconds is reported as hung
+(its workers are killed; a native stack printed when py-spy is installed). Measured 2026-12-04, 20 tiles, quiet
+2-core machine: without the release 7 of 24 rounds hung (never round 0), with it 0 of 29 (and 0 of 8 with two
+such processes at once). Needs ../shared/data; prints how many rounds hung.
 
-    python benchmarks/repro_fork_mkl.py --rounds 4 --n 200
+    python benchmarks/repro_fork_mkl.py --rounds 10 --n 20 --timeout 15 --no-release
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="EBHI tiles (default 200)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds after which a round counts as hung")
     p.add_argument("--data", type=Path, default=bench_cohort.DATA, help="the shared real data")
+    p.add_argument("--no-release", action="store_true", help="fork without releasing MKL's buffers first")
     args = p.parse_args()
+    if args.no_release:
+        from equiseg_wsi import forked
+
+        forked.release_mkl_buffers = lambda: False  # process_pool looks it up at each call
     if not (args.data / "ebhi_seg" / "manifest.csv").exists():
         print(f"repro_fork_mkl: the shared EBHI-Seg tiles are not here ({args.data}); nothing run.")
         return

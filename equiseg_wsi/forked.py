@@ -11,12 +11,10 @@ Stop signals (Ctrl-C, SIGTERM, SIGHUP) reach the whole process group; workers ig
 (no new item starts, the running ones finish). Workers die with the parent (`PR_SET_PDEATHSIG`). Callbacks the
 work makes (progress, region names) are relayed to this process and called here, on one thread.
 
-A known hazard: a process that has itself run the network (torch's MKL matrix products) before it forks can get a
-worker that spins forever in MKL's allocator. Seen only in a benchmark that timed the network in one process and
-then forked for a second cohort (2026-12-04: 3 of 3 such processes once, then 0 of 3 on a quiet machine, 3 of 6
-rounds under load); releasing MKL's buffers or waiting for exited threads before the fork did not clear it. An
-`equiseg run` does no network work in the parent before it forks (the fit's network runs in the workers), and no
-CLI run has been seen to hang; the benchmark now times each cohort in a fresh process.
+A known hazard: a process that has run the network on Python threads itself before it forks can get a worker that
+spins forever in MKL's allocator (`mm_account_ptr_by_tid`); `benchmarks/repro_fork_mkl.py` reproduces it (a
+benchmark's CNN timing repeated in one process). So MKL's cached buffers are released before each fork
+(`release_mkl_buffers`). An `equiseg run` does no network work in the parent before it forks.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ from equiseg_wsi.stop_signals import STOP_SIGNALS
 from equiseg_wsi.threads import in_order
 
 __all__ = ["USE_PROCESSES", "Relay", "WorkerDiedError", "end_workers", "forked_map", "process_pool",
-           "use_processes"]
+           "release_mkl_buffers", "use_processes"]
 
 USE_PROCESSES = sys.platform.startswith("linux")  # where fork makes a warm worker; threads elsewhere
 
@@ -75,8 +73,32 @@ def _worker_init(parent: int, initializer: Callable[[], None] | None) -> None:
         initializer()
 
 
+def release_mkl_buffers() -> bool:
+    """Hand MKL's cached buffers back before a fork; False where torch has no MKL (or its symbol is not there).
+
+    Why: after this process had run the network on Python threads, a forked worker's first matrix product could
+    spin forever in MKL's allocator (`benchmarks/repro_fork_mkl.py`, 20 EBHI tiles, 2026-12-04: 7 of 24 rounds hung
+    without the release, 0 of 29 with it on a quiet machine; MKL_DISABLE_FAST_MM=1 did not help, waiting for the
+    threads to exit neither). torch links MKL statically and exports only this internal name for `mkl_free_buffers`."""
+    torch = sys.modules.get("torch")
+    if torch is None or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    library = os.path.join(os.path.dirname(str(torch.__file__)), "lib", "libtorch_cpu.so")
+    try:
+        free = ctypes.CDLL(library).mkl_serv_free_buffers
+    except (OSError, AttributeError):
+        return False
+    free.restype = None
+    free()
+    return True
+
+
 def process_pool(workers: int, initializer: Callable[[], None] | None = None) -> ProcessPoolExecutor:
-    """`workers` forked processes (started at the first submit, all at once: the fork copies this process then)."""
+    """`workers` forked processes (started at the first submit, all at once: the fork copies this process then).
+    MKL's buffers are released first (`release_mkl_buffers`)."""
+    release_mkl_buffers()
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_worker_init, initargs=(os.getpid(), initializer))
 

@@ -123,3 +123,23 @@ def test_only_a_cpu_network_goes_to_forked_workers(monkeypatch: pytest.MonkeyPat
         assert not forked.use_processes(device)
     monkeypatch.setattr(forked, "USE_PROCESSES", False)
     assert not forked.use_processes("cpu")
+
+
+@linux_only
+def test_mkl_buffers_are_released_and_workers_forked_after_threads_agree_with_them() -> None:
+    """MKL's buffers are released before each fork (a worker once spun forever in MKL's allocator after this
+    process had run the network on two threads: bench_cohort, not reproduced at this size); the features agree."""
+    import torch
+
+    from equiseg_wsi.features import build_extractor
+    from equiseg_wsi.run_model import _one_torch_thread
+    from equiseg_wsi.threads import ordered_map
+
+    if torch.backends.mkl.is_available():
+        assert forked.release_mkl_buffers()
+    extractor = build_extractor(ExtractorSpec(device="cpu", batch_size=1, target_mpp=4.0))
+    tiles = [np.random.default_rng(i).integers(0, 256, (1, 96, 96, 3), dtype=np.uint8) for i in range(4)]
+    here = list(ordered_map(lambda t: extractor.extract(t, halo=0), tiles, 2, initializer=_one_torch_thread))
+    there = list(forked.forked_map(lambda t: extractor.extract(t, halo=0), tiles, 2, initializer=_one_torch_thread))
+    for a, b in zip(here, there, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
