@@ -283,9 +283,9 @@ class CnnOnly:
 
 
 def cnn_only_in_fresh_process(folder: Path, manifest_path: Path) -> dict[str, Any]:
-    """`CnnOnly().measure` in a new interpreter, one per cohort. Why: in one process, the second cohort's timing on
-    forked workers (after this process had run the network itself) twice left a worker spinning forever inside
-    MKL's allocator; a process that forks after one cohort's serial and threaded timings never did."""
+    """`CnnOnly().measure` in a new interpreter, one per cohort, so one cohort's timing does not start from the
+    state the other's left (before `forked.release_mkl_buffers`, the second cohort's forked timing in one process
+    hung in MKL's allocator: benchmarks/repro_fork_mkl.py)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--cnn-only-of", str(folder), str(manifest_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:

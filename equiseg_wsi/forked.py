@@ -20,6 +20,7 @@ benchmark's CNN timing repeated in one process). So MKL's cached buffers are rel
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import multiprocessing
 import os
@@ -80,19 +81,25 @@ def release_mkl_buffers() -> bool:
     spin forever in MKL's allocator (`benchmarks/repro_fork_mkl.py`, 20 EBHI tiles, 2026-12-04: 7 of 24 rounds hung
     without the release, 0 of 29 with it on a quiet machine; MKL_DISABLE_FAST_MM=1 did not help, waiting for the
     threads to exit neither). torch links MKL statically and exports only this internal name for `mkl_free_buffers`."""
-    torch = sys.modules.get("torch")
-    if torch is None or not sys.platform.startswith("linux"):
+    free = _mkl_free_buffers() if USE_PROCESSES and "torch" in sys.modules else None
+    if free is None:
         return False
+    free()
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _mkl_free_buffers() -> Callable[[], None] | None:
     import ctypes
 
+    torch = sys.modules["torch"]
     library = os.path.join(os.path.dirname(str(torch.__file__)), "lib", "libtorch_cpu.so")
     try:
         free = ctypes.CDLL(library).mkl_serv_free_buffers
     except (OSError, AttributeError):
-        return False
+        return None
     free.restype = None
-    free()
-    return True
+    return free
 
 
 def process_pool(workers: int, initializer: Callable[[], None] | None = None) -> ProcessPoolExecutor:

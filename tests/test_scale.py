@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from equiseg_cli.main import cli
+from equiseg_wsi.export.atomic import temporary_name
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--target-mpp", "4", "--tile-size", "128", "--device", "cpu", "--quiet"]
@@ -85,7 +86,7 @@ def test_a_rerun_removes_the_temporary_a_killed_write_left(reference: Path, slid
     folder = next(p.parent for p in sorted(out.glob("*/slide.json")))
     (folder / "slide.json").unlink()
     overlay = next(folder.glob("*_overlay.png"))
-    left = folder / f".tmp-99999-0123456789ab-{overlay.name}"
+    left = temporary_name(overlay)  # the name atomic_path gives a write in progress
     left.write_bytes(overlay.read_bytes()[:100])
     overlay.unlink()
     result = CliRunner().invoke(cli, ["run", str(slides), "-o", str(out), *FAST])
