@@ -8,6 +8,7 @@ loop goes on. Callers wrap their per-region work in `failures.catch(...)` so one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -38,6 +39,7 @@ __all__ = [
     "each_region",
     "open_regions",
     "region_areas",
+    "regions_of",
     "slide_regions",
 ]
 
@@ -217,9 +219,24 @@ def each_region(
     """Every region of every source, in input order; slides that fail to open or have no tissue are recorded
     in `failures` (region '') and skipped. `cache`: see `open_regions`."""
     for source in sources:
-        with failures.catch(source.name):
-            with open_regions(source, options, cache) as (slide, found):
-                for area in found.areas:
-                    if on_region is not None:
-                        on_region(f"{source.name}/{area.name}")
-                    yield RegionItem(source, slide, found, area)
+        with regions_of(source, options, failures, cache=cache) as items:
+            for item in items:
+                if on_region is not None:
+                    on_region(item.key)
+                yield item
+
+
+@contextmanager
+def regions_of(source: SlideSource, options: RegionOptions, failures: Failures, *, cache: Path | None = None
+               ) -> Iterator[list[RegionItem]]:
+    """The regions of one source, its slide open for the whole block (so they can be worked on at once); none
+    when the slide fails to open or has no tissue (recorded in `failures`, region ''). `cache`: see
+    `open_regions`. Errors raised in the block are not caught."""
+    with contextlib.ExitStack() as stack:
+        try:
+            slide, found = stack.enter_context(open_regions(source, options, cache))
+        except EquisegError as exc:
+            failures.add(source.name, "", one_line(exc))
+            yield []
+            return
+        yield [RegionItem(source, slide, found, area) for area in found.areas]

@@ -31,7 +31,7 @@ from equiseg_wsi.features import build_extractor
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.regions import Failures, RegionFailure, each_region
+from equiseg_wsi.regions import Failures, RegionFailure, RegionItem, regions_of
 from equiseg_wsi.run_key import file_digest, options_digest
 from equiseg_wsi.sampling import CohortSampler, ReservoirSampler, source_rng
 from equiseg_wsi.segment import FeatureCache, fit_cells, region_features
@@ -41,6 +41,11 @@ from equiseg_wsi.tile_features import GroupMapper, remote_tiles
 __all__ = ["FIT_ROWS_CAP", "RUN_MODEL", "discard_feature_cache", "fit_regions", "prepare_run"]
 
 FIT_THREADS = 2  # inputs whose features are computed at once in a run-wide fit (each on one torch thread)
+# A distributed run's fit keeps this many inputs, and regions of each, with tiles on the workers at once (a thread
+# each here, waiting for them), so the workers do not wait while this process gathers and caches a region's
+# features: enough one-tile cores for 8 workers; a large slide's regions two at a time.
+REMOTE_INPUTS = 8
+REMOTE_REGIONS = 2
 FIT_ROWS_CAP = 50_000  # sampled cells a run-wide fit uses at most (a seeded subset beyond): KMeans stays cheap
 RUN_MODEL = "run-kmeans.npz"  # the run-wide model in the output folder (apply it elsewhere with --kmeans-model)
 FEATURE_CACHE = ".equiseg-features"  # region features between the fit and the segmentation, removed as used
@@ -77,10 +82,12 @@ def fit_regions(
     def sample(source: SlideSource, region: Callable[[str], None] | None, tiles: ProgressCallback) -> _SourceSample:
         return _sample_source(source, job, cache, region, tiles, mapper)
 
-    threads = FIT_THREADS if mapper is None else 1  # a distributed run's workers do the network work
-    threads = min(threads, len(sources), os.cpu_count() or 1)
+    if mapper is None:
+        threads = min(FIT_THREADS, len(sources), os.cpu_count() or 1)
+    else:  # a distributed run's workers do the network work: these threads wait for them
+        threads = min(REMOTE_INPUTS, len(sources))
     with _inputs_at_once(sample, sources, threads, on_region, progress,
-                         forked.use_processes(extractor.device)) as parts:
+                         mapper is None and forked.use_processes(extractor.device)) as parts:
         for part in parts:
             failures.items.extend(part.failures)
             for stage, secs in part.seconds.items():
@@ -138,27 +145,38 @@ def _sample_source(source: SlideSource, job: RunJob, cache: FeatureCache | None,
                    on_region: Callable[[str], None] | None, progress: ProgressCallback,
                    mapper: GroupMapper | None) -> _SourceSample:
     """Every region of `source` through the network (kept in `cache`), and a seeded sample of its fit cells
-    (the reservoir `CohortSampler` would draw for it: seeded by the region's key, not by the order of inputs)."""
+    (the reservoir `CohortSampler` would draw for it: seeded by the region's key, not by the order of inputs).
+    With `mapper` (a distributed run) `REMOTE_REGIONS` regions have their tiles on the workers at once."""
     seg = job.options.segment
     extractor = build_extractor(job.spec)
     failures = Failures()
     out = _SourceSample(seconds={"regions": 0.0, "read": 0.0, "cnn": 0.0})
-    clock = time.perf_counter()
-    for item in each_region([source], job.options.regions, failures, on_region=on_region,
-                            cache=None if cache is None else cache.folder):
-        out.seconds["regions"] += time.perf_counter() - clock
-        remote = None if mapper is None else remote_tiles(
-            mapper, job.options.regions.backend, item.source.mpp or job.options.regions.mpp, job.spec, seg)
-        with failures.catch(item.source.name, item.area.name):
+    remote = None if mapper is None else remote_tiles(
+        mapper, job.options.regions.backend, source.mpp or job.options.regions.mpp, job.spec, seg)
+
+    def region(item: RegionItem) -> tuple[tuple[str, np.ndarray, np.ndarray] | None, dict[str, float], Failures]:
+        if on_region is not None:
+            on_region(item.key)
+        sample, seconds, failed = None, {"read": 0.0, "cnn": 0.0}, Failures()  # failures kept in region order
+        with failed.catch(item.source.name, item.area.name):
             with region_features(item.slide, item.area, extractor, seg, progress=progress, cache=cache,
                                  remote=remote) as rf:
                 reservoir = ReservoirSampler(seg.n_samples, source_rng(seg.seed, item.key))
                 _feed(reservoir, rf.features, fit_cells(rf.tissue, seg.n_clusters), rf.rgb)
                 if reservoir.n_seen:
-                    out.samples.append((item.key, *reservoir.result()))
-                out.seconds["read"] += rf.seconds.get("read", 0.0)
-                out.seconds["cnn"] += rf.seconds.get("cnn", 0.0)
-        clock = time.perf_counter()
+                    sample = (item.key, *reservoir.result())
+                seconds = {stage: rf.seconds.get(stage, 0.0) for stage in seconds}
+        return sample, seconds, failed
+
+    clock = time.perf_counter()
+    with regions_of(source, job.options.regions, failures, cache=None if cache is None else cache.folder) as items:
+        out.seconds["regions"] += time.perf_counter() - clock
+        for sample, seconds, failed in ordered_map(region, items, 1 if mapper is None else REMOTE_REGIONS):
+            failures.items.extend(failed)
+            if sample is not None:
+                out.samples.append(sample)
+            for stage, secs in seconds.items():
+                out.seconds[stage] += secs
     out.failures = list(failures)
     return out
 

@@ -128,7 +128,7 @@ def _computed_features(slide: Slide, area: RegionArea, extractor: Extractor, opt
     gh, gw = plan.shape
     per = plan.tile_size // extractor.stride
     rgb = np.full((gh, gw, 3), 255, dtype=np.uint8)
-    if remote is not None and len(plan.tiles) > 1:  # a tile is the smallest task: one-tile regions stay here
+    if remote is not None:  # a distributed run: every region's tiles on the workers (a one-tile core's too)
         batches = remote(slide, area, plan)
     else:
         batches = tile_batches(slide, area, plan.tiles, extractor, options, plan.tile_size, plan.halo)

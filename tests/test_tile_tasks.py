@@ -1,5 +1,5 @@
 """A distributed run computes a large region's tiles on the workers (tile groups), with the same features, cell
-colours and tissue cells as in this process; regions of one tile stay in this process."""
+colours and tissue cells as in this process; regions of one tile go to the workers too."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from equiseg_wsi.inputs import collect_inputs
 from equiseg_wsi.options import ExtractorSpec, RegionOptions, SegmentOptions
 from equiseg_wsi.regions import open_regions
 from equiseg_wsi.segment import region_features
-from equiseg_wsi.tile_features import TILES_PER_TASK, TileGroup, plan_tiles, remote_tiles
+from equiseg_wsi.tile_features import TILES_PER_TASK, TileGroup, group_features, plan_tiles, remote_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 SVS = REPO / "sample_data" / "CMU-1-Small-Region.svs"
@@ -52,12 +52,13 @@ def test_tile_groups_on_two_workers_give_the_features_of_this_process() -> None:
     assert np.array_equal(remote, local) and np.array_equal(remote_rgb, rgb) and np.array_equal(remote_tissue, tissue)
 
 
-def test_a_one_tile_region_is_not_sent_to_the_workers() -> None:
+def test_a_one_tile_region_goes_to_the_workers_too() -> None:
+    """A cohort of one-tile cores must not be computed here while the workers wait (before: it was)."""
     calls: list[int] = []
 
-    def refuse(groups: list[TileGroup]) -> object:
+    def in_this_process(groups: list[TileGroup]) -> object:
         calls.append(len(groups))
-        raise AssertionError("a one-tile region went to the workers")
+        return [group_features(g) for g in groups]
 
     spec = ExtractorSpec(device="cpu", target_mpp=MPP)
     seg = SegmentOptions(target_mpp=MPP, tile_size=512)  # the whole sample region is one tile at 4 µm/px
@@ -66,6 +67,9 @@ def test_a_one_tile_region_is_not_sent_to_the_workers() -> None:
     with open_regions(source, RegionOptions()) as (slide, found):
         area = found.areas[0]
         assert len(plan_tiles(slide, area, extractor, seg).tiles) == 1
-        with region_features(slide, area, extractor, seg, remote=remote_tiles(refuse, "auto", None, spec, seg)) as rf:
-            assert rf.tissue.any()
-    assert calls == []
+        with region_features(slide, area, extractor, seg) as local:
+            expected = np.array(local.features)
+        with region_features(slide, area, extractor, seg,
+                             remote=remote_tiles(in_this_process, "auto", None, spec, seg)) as rf:
+            assert np.array_equal(np.asarray(rf.features), expected) and rf.tissue.any()
+    assert calls == [1]
