@@ -8,14 +8,13 @@ loop goes on. Callers wrap their per-region work in `failures.catch(...)` so one
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import pickle
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -232,7 +231,7 @@ def regions_of(source: SlideSource, options: RegionOptions, failures: Failures, 
     """The regions of one source, its slide open for the whole block (so they can be worked on at once); none
     when the slide fails to open or has no tissue (recorded in `failures`, region ''). `cache`: see
     `open_regions`. Errors raised in the block are not caught."""
-    with contextlib.ExitStack() as stack:
+    with ExitStack() as stack:
         try:
             slide, found = stack.enter_context(open_regions(source, options, cache))
         except EquisegError as exc:
