@@ -19,16 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from equiseg_wsi.errors import InputError, OutputWriteError
-from equiseg_wsi.features import build_extractor
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.region_outputs import region_part, save_region_part
 from equiseg_wsi.regions import SlideRegions
-from equiseg_wsi.runner import load_cluster_model, process_slide, slide_dir
-from equiseg_wsi.scratch import scratch_area
-from equiseg_wsi.segment import FeatureCache
-from equiseg_wsi.slide import open_slide
+from equiseg_wsi.runner import process_slide, region_task
 from equiseg_wsi.slide_result import SlideResult
 from equiseg_wsi.threads import in_order
 from equiseg_wsi.tile_features import GroupMapper, TileBatch, TileGroup, group_features
@@ -57,19 +52,6 @@ def _region_tasks(source: SlideSource, out_dir: str, job: RunJob, found: SlideRe
         [shared] = client.scatter([found])  # sent once, not with every region (a TMA's tissue map)
         client.gather([client.submit(region_task, source, out_dir, job, shared, region, run_key, pure=False,
                                      key=f"equiseg-region-{source.name}-{region}-{run}") for region in regions])
-
-
-def region_task(source: SlideSource, out_dir: str, job: RunJob, found: SlideRegions, region: str,
-                run_key: dict[str, str]) -> None:
-    """What a worker runs for one region of a slide: the region's outputs, saved as its part in the slide's
-    folder (`region_outputs.REGION_RECORDS`), from which the slide's task assembles the slide."""
-    out, options = Path(out_dir), job.options
-    area = next(a for a in found.areas if a.name == region)
-    cache = FeatureCache(job.feature_cache) if job.feature_cache else None
-    with open_slide(source.path, backend=options.regions.backend, mpp=source.mpp or options.regions.mpp) as slide:
-        part = region_part(slide, source, found, area, slide_dir(out, source), build_extractor(job.spec), options,
-                           load_cluster_model(job.kmeans_model), no_progress, run_key, scratch_area(out), cache)
-    save_region_part(slide_dir(out, source), part)
 
 
 @dataclass

@@ -35,22 +35,31 @@ from equiseg_wsi.export.atomic import atomic_write_text, remove_stale_temporarie
 from equiseg_wsi.export.geojson import write_geojson
 from equiseg_wsi.export.tma_outputs import export_dearray, with_missing_cores
 from equiseg_wsi.features import build_extractor
-from equiseg_wsi.forked import use_processes
+from equiseg_wsi.forked import forked_map, use_processes
 from equiseg_wsi.inputs import SlideSource
 from equiseg_wsi.options import RunJob, RunOptions
 from equiseg_wsi.output_names import stable_names
 from equiseg_wsi.progress import ProgressCallback, no_progress
-from equiseg_wsi.region_outputs import REGION_RECORDS, RegionMapper, region_identity, segment_regions
-from equiseg_wsi.regions import open_regions
+from equiseg_wsi.region_outputs import (
+    REGION_RECORDS,
+    RegionMapper,
+    region_identity,
+    region_part,
+    save_region_part,
+    segment_regions,
+)
+from equiseg_wsi.regions import SlideRegions, open_regions
 from equiseg_wsi.run_files import check_writable, write_run_outputs
 from equiseg_wsi.run_key import changed_parts, run_key
 from equiseg_wsi.run_lock import output_lock
 from equiseg_wsi.run_model import FEATURE_CACHE, discard_feature_cache, fit_regions, prepare_run
 from equiseg_wsi.scratch import remove_stale_scratch, scratch_area
 from equiseg_wsi.segment import FeatureCache
+from equiseg_wsi.slide import open_slide
 from equiseg_wsi.slide_pool import map_at_once
 from equiseg_wsi.slide_result import SlideResult
 from equiseg_wsi.stop_signals import signal_name, signal_number
+from equiseg_wsi.threads import ordered_map
 from equiseg_wsi.tile_features import Extractor, GroupMapper
 
 log = logging.getLogger(__name__)
@@ -293,14 +302,18 @@ class InProcess:
         on_result: Callable[[int, SlideResult], None] | None = None,
         progress: ProgressCallback = no_progress,
     ) -> list[SlideResult]:
-        threads = min(self.threads, os.cpu_count() or 1, len(sources))
-        if threads > 1 and job.options.clustering == "run" and job.feature_cache and job.kmeans_model:
-            return _map_threaded(job, sources, out_dir, threads, on_start, on_result, progress)
+        workers = min(self.threads, os.cpu_count() or 1)
+        cached = job.options.clustering == "run" and bool(job.feature_cache) and bool(job.kmeans_model)
+        if workers > 1 and cached and len(sources) >= workers:
+            return _map_threaded(job, sources, out_dir, workers, on_start, on_result, progress)
+        # fewer slides than workers (one large slide): its regions are segmented `workers` at a time instead
+        elsewhere = functools.partial(_regions_at_once, job, out_dir, workers) if workers > 1 and cached else None
         results = []
         for i, source in enumerate(sources):
             if on_start is not None:
                 on_start(i, source)
-            result = process_slide(source, out_dir, job, progress=progress)
+            result = process_slide(source, out_dir, job, progress=progress,
+                                   elsewhere=None if elsewhere is None else functools.partial(elsewhere, source))
             if on_result is not None:
                 on_result(i, result)
             results.append(result)
@@ -315,6 +328,31 @@ def _map_threaded(
     """`process_slide` on `threads` workers at once: forked processes on Linux for a CPU network, else threads."""
     processes = use_processes(build_extractor(job.spec).device)
     return map_at_once(process_slide, job, sources, out_dir, threads, on_start, on_result, progress, processes)
+
+
+def region_task(source: SlideSource, out_dir: str, job: RunJob, found: SlideRegions, region: str,
+                run_key: dict[str, str]) -> None:
+    """One region of a slide segmented where it runs (a Dask worker, a forked worker): its outputs saved as its
+    part in the slide's folder (`region_outputs.REGION_RECORDS`), from which `process_slide` assembles the slide."""
+    out, options = Path(out_dir), job.options
+    area = next(a for a in found.areas if a.name == region)
+    cache = FeatureCache(job.feature_cache) if job.feature_cache else None
+    with open_slide(source.path, backend=options.regions.backend, mpp=source.mpp or options.regions.mpp) as slide:
+        part = region_part(slide, source, found, area, slide_dir(out, source), build_extractor(job.spec), options,
+                           load_cluster_model(job.kmeans_model), no_progress, run_key, scratch_area(out), cache)
+    save_region_part(slide_dir(out, source), part)
+
+
+def _regions_at_once(job: RunJob, out_dir: Path, workers: int, source: SlideSource, found: SlideRegions,
+                     regions: list[str], run_key: dict[str, str]) -> None:
+    """The in-process `RegionMapper`: `region_task` of each region, `workers` at a time (forked processes on
+    Linux for a CPU network, else threads); the slide's features are cached, so no network work is left."""
+    def one(region: str) -> None:
+        region_task(source, str(out_dir), job, found, region, run_key)
+
+    processes = use_processes(build_extractor(job.spec).device)
+    for _ in (forked_map if processes else ordered_map)(one, regions, workers):
+        pass
 
 
 def run_slides(

@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 import equiseg_wsi.region_outputs as region_outputs
+import equiseg_wsi.runner as runner
 from equiseg_cli.main import cli
+from equiseg_wsi import forked
 
 REPO = Path(__file__).resolve().parents[1]
 TMA = REPO / "sample_data" / "tma" / "tma_3x4.svs"
@@ -40,6 +42,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 
 def test_an_interrupted_tma_redoes_only_its_unfinished_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner.InProcess.__init__, "__defaults__", (1,))  # one core at a time: a known order
     reference = tmp_path / "reference"
     everything = _counting(monkeypatch)
     assert CliRunner().invoke(cli, ["run", str(TMA), "-o", str(reference), *FAST]).exit_code == 0
@@ -67,3 +70,25 @@ def test_an_interrupted_tma_redoes_only_its_unfinished_cores(tmp_path: Path, mon
     other = _counting(monkeypatch, stop_at=1)
     assert CliRunner().invoke(cli, ["run", str(TMA), "-o", str(out), *FAST, "--n-clusters", "5"]).exit_code == 130
     assert other == everything[:1]
+
+
+def test_a_tma_stopped_while_its_cores_run_two_at_a_time_resumes(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One TMA slide's cores are segmented two at a time (threads here, to see the calls): Ctrl-C lets the running
+    cores finish and keeps them, and the rerun redoes exactly the others, with the outputs of an uninterrupted run."""
+    monkeypatch.setattr(forked, "USE_PROCESSES", False)
+    reference = tmp_path / "reference"
+    everything = _counting(monkeypatch)
+    assert CliRunner().invoke(cli, ["run", str(TMA), "-o", str(reference), *FAST]).exit_code == 0
+    assert len(everything) >= 8
+
+    out = tmp_path / "out"
+    _counting(monkeypatch, stop_at=5)
+    assert CliRunner().invoke(cli, ["run", str(TMA), "-o", str(out), *FAST]).exit_code == 130
+    kept = {p.stem for p in (out / "tma_3x4" / region_outputs.REGION_RECORDS).glob("*.json")}
+    assert 3 <= len(kept) < len(everything) and not (out / "tma_3x4" / "slide.json").exists()
+
+    after = _counting(monkeypatch)
+    assert CliRunner().invoke(cli, ["run", str(TMA), "-o", str(out), *FAST]).exit_code == 0
+    assert sorted(after) == sorted(set(everything) - kept)
+    assert _outputs(out) == _outputs(reference)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import copy_sample_cores
@@ -71,3 +72,42 @@ def test_slides_that_compute_features_stay_one_at_a_time(inputs: Path, tmp_path:
     sources = collect_inputs([inputs])[:3]
     report = run_folder(sources, tmp_path / "region", _job("region"), executor=InProcess(2))
     assert all(r.status == "done" for r in report.results)
+
+
+@pytest.mark.parametrize("processes", [False, True] if sys.platform.startswith("linux") else [False])
+def test_one_slide_of_several_regions_segments_them_two_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    processes: bool) -> None:
+    """One slide leaves a slide worker idle: its regions (a TMA's cores) go to the workers instead, with the
+    outputs of one at a time and no region part left behind."""
+    import threading
+
+    import equiseg_wsi.region_outputs as region_outputs
+    import equiseg_wsi.runner as runner
+    from equiseg_wsi import forked
+    from equiseg_wsi.region_outputs import REGION_RECORDS
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(REPO / "sample_data" / "tma" / "tma_3x4.svs", folder)
+    sources = collect_inputs([folder])
+    one = run_folder(sources, tmp_path / "one", _job(), executor=InProcess(1))
+    threads: dict[str, str] = {}  # region -> the thread that segmented it
+    part = region_outputs.region_part
+
+    def watched(*args: Any) -> Any:
+        threads[args[3].name] = threading.current_thread().name
+        return part(*args)
+
+    monkeypatch.setattr(forked, "USE_PROCESSES", processes)
+    if not processes:  # threads: the calls are seen here
+        for module in (runner, region_outputs):
+            monkeypatch.setattr(module, "region_part", watched, raising=False)
+    two = run_folder(sources, tmp_path / "two", _job(), executor=InProcess(2))
+    assert [r.status for r in two.results] == [r.status for r in one.results] == ["done"]
+    cores = [r["region"] for r in one.results[0].regions if r["present"] in (True, "True")]
+    assert len(cores) >= 4
+    if not processes:
+        assert sorted(threads) == sorted(cores)
+        assert threading.main_thread().name not in threads.values()
+    assert len(_outputs(tmp_path / "one")) > len(cores) and _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
+    assert not (tmp_path / "two" / sources[0].name / REGION_RECORDS).exists()
