@@ -111,3 +111,36 @@ def test_one_slide_of_several_regions_segments_them_two_at_a_time(tmp_path: Path
         assert threading.main_thread().name not in threads.values()
     assert len(_outputs(tmp_path / "one")) > len(cores) and _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
     assert not (tmp_path / "two" / sources[0].name / REGION_RECORDS).exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers are Linux only")
+def test_a_worker_killed_on_a_region_fails_its_slide_in_one_line(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The out-of-memory killer taking a worker while it segments a core: the slide fails with the cause (the
+    next run redoes it), the run ends, nothing hangs."""
+    import os
+    import time
+
+    import equiseg_wsi.runner as runner
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(REPO / "sample_data" / "tma" / "tma_3x4.svs", folder)
+    sources = collect_inputs([folder])
+    task = runner.region_task
+
+    def killed_on_b2(*args: Any) -> None:
+        if args[4] == "B-2":
+            os._exit(137)
+        task(*args)
+
+    monkeypatch.setattr(runner, "region_task", killed_on_b2)
+    start = time.perf_counter()
+    report = run_folder(sources, tmp_path / "out", _job(), executor=InProcess(2))
+    assert time.perf_counter() - start < 120
+    (result,) = report.results
+    assert result.status == "failed" and "worker process died" in (result.error or "")
+    assert "\n" not in (result.error or "")
+    monkeypatch.setattr(runner, "region_task", task)
+    again = run_folder(sources, tmp_path / "out", _job(), executor=InProcess(2))
+    assert [r.status for r in again.results] == ["done"]
