@@ -15,7 +15,6 @@ on Ctrl-C or a stop signal (`equiseg_wsi.stop_signals`) and when the output fold
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import logging
@@ -59,14 +58,13 @@ from equiseg_wsi.slide import open_slide
 from equiseg_wsi.slide_pool import map_at_once
 from equiseg_wsi.slide_result import SlideResult
 from equiseg_wsi.stop_signals import signal_name, signal_number
+from equiseg_wsi.storage_errors import storage_cause, storage_error, storage_message
 from equiseg_wsi.threads import ordered_map
 from equiseg_wsi.tile_features import Extractor, GroupMapper
 
 log = logging.getLogger(__name__)
 
 SLIDE_RECORD = "slide.json"
-# errors that say the output folder takes no more writes, whatever file was being written
-_STORAGE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, n))
 
 
 class RunStopped(EquisegError):
@@ -108,38 +106,6 @@ def _same_file(recorded: str, path: Path) -> bool:
         return Path(recorded).resolve() == path.resolve()
     except (OSError, RuntimeError):
         return False
-
-
-def storage_error(exc: OSError, out_dir: Path) -> bool:
-    """Whether `exc` says the output folder takes no more writes: a full disk, a quota, a read-only file
-    system, or any error on a file inside the output folder (permissions changed mid-run, I/O errors)."""
-    if exc.errno in _STORAGE_ERRNOS:
-        return True
-    for name in (exc.filename, exc.filename2):
-        if isinstance(name, (str, os.PathLike)):
-            try:
-                if Path(name).resolve().is_relative_to(out_dir.resolve()):
-                    return True
-            except (OSError, RuntimeError):
-                continue
-    return False
-
-
-def _storage_message(out_dir: Path, exc: OSError) -> str:
-    """One line naming the output folder and the cause (never the internal temporary file)."""
-    return f"{out_dir}: cannot write outputs ({exc.strerror or one_line(exc)})"
-
-
-def _storage_cause(exc: BaseException, out_dir: Path) -> OSError | None:
-    """The storage error behind `exc` (itself, or what it was raised from), if any."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and storage_error(current, out_dir):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -196,9 +162,9 @@ def process_slide(source: SlideSource, out_dir: Path, job: RunJob, *, progress: 
     except Exception as exc:  # one bad slide must not stop a batch; the manifest carries the cause
         result.status = "failed"
         result.seconds["total"] = round(time.perf_counter() - start, 3)
-        storage = _storage_cause(exc, out_dir)
+        storage = storage_cause(exc, out_dir)
         if storage is not None:
-            result.error = _storage_message(out_dir, storage)
+            result.error = storage_message(out_dir, storage)
             raise OutputWriteError(result.error, result) from exc
         if isinstance(exc, EquisegError):
             result.error = one_line(exc)
@@ -288,7 +254,8 @@ SLIDE_THREADS = 2
 @dataclass
 class InProcess:
     """The embedded default: slides in this process, the model loaded once; one after another, or `threads` at
-    a time when the run-wide fit has cached every slide's features (no network work is left in the slides)."""
+    a time when the run-wide fit has cached every slide's features (no network work is left in the slides). A
+    slide that would run alone then (the only one, or a last one of several regions) has its regions spread."""
 
     threads: int = SLIDE_THREADS
 
@@ -304,12 +271,18 @@ class InProcess:
     ) -> list[SlideResult]:
         workers = min(self.threads, os.cpu_count() or 1)
         cached = job.options.clustering == "run" and bool(job.feature_cache) and bool(job.kmeans_model)
-        if workers > 1 and cached and len(sources) >= workers:
-            return _map_threaded(job, sources, out_dir, workers, on_start, on_result, progress)
-        # fewer slides than workers (one large slide): its regions are segmented `workers` at a time instead
+        # Slides `workers` at a time, where there are that many. A slide alone (fewer slides than workers, or
+        # the last of more, a TMA say, that would run after the others) has its regions spread instead.
+        if workers <= 1 or not cached or len(sources) < workers:
+            pooled = 0
+        elif len(sources) > workers and _several_regions(sources[-1], job):
+            pooled = len(sources) - 1
+        else:
+            pooled = len(sources)
+        results = _map_threaded(job, sources[:pooled], out_dir, workers, on_start, on_result, progress) \
+            if pooled else []
         elsewhere = functools.partial(_regions_at_once, job, out_dir, workers) if workers > 1 and cached else None
-        results = []
-        for i, source in enumerate(sources):
+        for i, source in enumerate(sources[len(results):], start=len(results)):
             if on_start is not None:
                 on_start(i, source)
             result = process_slide(source, out_dir, job, progress=progress,
@@ -341,6 +314,16 @@ def region_task(source: SlideSource, out_dir: str, job: RunJob, found: SlideRegi
         part = region_part(slide, source, found, area, slide_dir(out, source), build_extractor(job.spec), options,
                            load_cluster_model(job.kmeans_model), no_progress, run_key, scratch_area(out), cache)
     save_region_part(slide_dir(out, source), part)
+
+
+def _several_regions(source: SlideSource, job: RunJob) -> bool:
+    """Whether the run-wide fit found several regions in `source` (read from its cache: no tissue search)."""
+    try:
+        with open_regions(source, job.options.regions, FeatureCache(job.feature_cache).folder
+                          if job.feature_cache else None) as (_, found):
+            return len(found.areas) > 1
+    except (EquisegError, OSError):  # its own turn reports what is wrong with it
+        return False
 
 
 def _regions_at_once(job: RunJob, out_dir: Path, workers: int, source: SlideSource, found: SlideRegions,
@@ -439,7 +422,7 @@ def run_folder(
         except OSError as exc:
             if not storage_error(exc, out_dir):
                 raise
-            raise OutputWriteError(_storage_message(out_dir, exc)) from exc
+            raise OutputWriteError(storage_message(out_dir, exc)) from exc
         report = RunReport(results=[], manifest=None, table=None)
         runner = executor if executor is not None else InProcess()
         try:
@@ -490,5 +473,5 @@ def _write_run_files(
                     (out_dir / name).unlink(missing_ok=True)
     assert failure is not None
     complete = sum(r.status in ("done", "skipped") for r in results)
-    return None, None, (f"{_storage_message(out_dir, failure)}: manifest.json and biomarkers.csv not written; "
+    return None, None, (f"{storage_message(out_dir, failure)}: manifest.json and biomarkers.csv not written; "
                         f"the {complete} complete slide(s) are recorded in their own folders (slide.json)")

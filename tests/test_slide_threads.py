@@ -144,3 +144,35 @@ def test_a_worker_killed_on_a_region_fails_its_slide_in_one_line(tmp_path: Path,
     monkeypatch.setattr(runner, "region_task", task)
     again = run_folder(sources, tmp_path / "out", _job(), executor=InProcess(2))
     assert [r.status for r in again.results] == ["done"]
+
+
+def test_a_last_slide_of_several_regions_spreads_them_after_the_others(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cores first, a TMA last: the cores go two at a time, then the TMA's cores are spread over both workers
+    (not one worker segmenting the whole TMA while the other waits); outputs and result order as one at a time."""
+    import threading
+
+    import equiseg_wsi.region_outputs as region_outputs
+    import equiseg_wsi.runner as runner
+    from equiseg_wsi import forked
+
+    folder = copy_sample_cores(tmp_path / "in", 2)
+    shutil.copy(REPO / "sample_data" / "tma" / "tma_3x4.svs", folder)
+    sources = sorted(collect_inputs([folder]), key=lambda s: s.name.startswith("tma"))  # the TMA last
+    one = run_folder(sources, tmp_path / "one", _job(), executor=InProcess(1))
+    where: dict[str, set[str]] = {}  # slide -> the threads that segmented its regions
+    part = region_outputs.region_part
+
+    def watched(*args: Any) -> Any:
+        where.setdefault(args[1].name, set()).add(threading.current_thread().name)
+        return part(*args)
+
+    monkeypatch.setattr(forked, "USE_PROCESSES", False)
+    for module in (runner, region_outputs):
+        monkeypatch.setattr(module, "region_part", watched, raising=False)
+    order: list[int] = []
+    two = run_folder(sources, tmp_path / "two", _job(), executor=InProcess(2), on_result=lambda i, _r: order.append(i))
+    assert [r.name for r in two.results] == [s.name for s in sources] and sorted(order) == [0, 1, 2]
+    assert all(r.status == "done" for r in one.results + two.results)
+    assert len(where[sources[-1].name]) == 2  # the TMA's cores on both workers
+    assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
