@@ -322,7 +322,7 @@ def _several_regions(source: SlideSource, job: RunJob) -> bool:
         with open_regions(source, job.options.regions, FeatureCache(job.feature_cache).folder
                           if job.feature_cache else None) as (_, found):
             return len(found.areas) > 1
-    except (EquisegError, OSError):  # its own turn reports what is wrong with it
+    except Exception:  # whatever is wrong with it, its own turn reports it: this guess must not stop the run
         return False
 
 

@@ -176,3 +176,16 @@ def test_a_last_slide_of_several_regions_spreads_them_after_the_others(tmp_path:
     assert all(r.status == "done" for r in one.results + two.results)
     assert len(where[sources[-1].name]) == 2  # the TMA's cores on both workers
     assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
+
+
+def test_a_broken_last_slide_fails_alone_when_its_regions_are_looked_for(tmp_path: Path) -> None:
+    """Whether the last slide has several regions is asked before the slides run: a file that cannot be read
+    (the fit failed it already) must fail by itself, the others done."""
+    folder = copy_sample_cores(tmp_path / "in", 2)
+    data = (REPO / "sample_data" / "tma" / "tma_3x4.svs").read_bytes()
+    (folder / "zz_broken.svs").write_bytes(data[: len(data) // 3])  # truncated: sorts last
+    sources = collect_inputs([folder])
+    assert sources[-1].name == "zz_broken"
+    report = run_folder(sources, tmp_path / "out", _job(), executor=InProcess(2))
+    assert [r.status for r in report.results] == ["done", "done", "failed"]
+    assert "zz_broken" in (report.results[-1].error or "")
