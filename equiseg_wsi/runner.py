@@ -281,12 +281,12 @@ class InProcess:
             pooled = len(sources)
         results = _map_threaded(job, sources[:pooled], out_dir, workers, on_start, on_result, progress) \
             if pooled else []
-        elsewhere = functools.partial(_regions_at_once, job, out_dir, workers) if workers > 1 and cached else None
+        spread = workers > 1 and cached
         for i, source in enumerate(sources[len(results):], start=len(results)):
             if on_start is not None:
                 on_start(i, source)
-            result = process_slide(source, out_dir, job, progress=progress,
-                                   elsewhere=None if elsewhere is None else functools.partial(elsewhere, source))
+            elsewhere = functools.partial(_regions_at_once, job, out_dir, workers, source) if spread else None
+            result = process_slide(source, out_dir, job, progress=progress, elsewhere=elsewhere)
             if on_result is not None:
                 on_result(i, result)
             results.append(result)
